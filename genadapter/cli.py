@@ -1,0 +1,44 @@
+"""`genadapter` command line: one subcommand per module, imported only when used.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("genadapter.demo", "read a document stream with the default model and answer questions"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genadapter", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Build only the chosen subcommand's parser so `genadapter X` never imports every module.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen in COMMANDS:
+        parser = argparse.ArgumentParser(prog=f"genadapter {chosen}", description=COMMANDS[chosen][1])
+        module = importlib.import_module(COMMANDS[chosen][0])
+        module.add_arguments(parser)
+        rest = list(argv)
+        rest.remove(chosen)
+        return int(module.run(parser.parse_args(rest)) or 0)
+    build_parser().parse_args(argv)  # prints usage / errors for unknown commands
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
