@@ -11,7 +11,10 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("genadapter.demo", "read a document stream with the default model and answer questions"),
+    "demo": (
+        "genadapter.demo",
+        "read a document stream with the default model and answer questions",
+    ),
 }
 
 
@@ -30,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     # Build only the chosen subcommand's parser so `genadapter X` never imports every module.
     chosen = next((a for a in argv if not a.startswith("-")), None)
     if chosen in COMMANDS:
-        parser = argparse.ArgumentParser(prog=f"genadapter {chosen}", description=COMMANDS[chosen][1])
+        parser = argparse.ArgumentParser(
+            prog=f"genadapter {chosen}", description=COMMANDS[chosen][1]
+        )
         module = importlib.import_module(COMMANDS[chosen][0])
         module.add_arguments(parser)
         rest = list(argv)

@@ -1,0 +1,148 @@
+"""GeneratorConfig: everything that fixes a generator's shape and behaviour, with a JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NORMALIZATIONS = ("frobenius", "svd", "none")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+# Default targets per architecture: the two linears that write into the residual stream
+# (attention output and MLP down projection), matched by name suffix.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("o_proj", "down_proj"),
+    "mistral": ("o_proj", "down_proj"),
+    "mixtral": ("o_proj",),
+    "qwen2": ("o_proj", "down_proj"),
+    "qwen3": ("o_proj", "down_proj"),
+    "gemma": ("o_proj", "down_proj"),
+    "gemma2": ("o_proj", "down_proj"),
+    "phi3": ("o_proj", "down_proj"),
+    "olmo": ("o_proj", "down_proj"),
+    "olmo2": ("o_proj", "down_proj"),
+    "granite": ("o_proj", "down_proj"),
+    "smollm3": ("o_proj", "down_proj"),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "gpt_neox": ("attention.dense", "dense_4h_to_h"),
+    "phi": ("self_attn.dense", "fc2"),
+    "opt": ("out_proj", "fc2"),
+    "falcon": ("self_attention.dense", "dense_4h_to_h"),
+}
+
+
+@dataclass
+class GeneratorConfig:
+    """Shape and behaviour of a generative adapter (see DESIGN.md for the math).
+
+    layers: None or "all" for every decoder layer; "upper_half"; a slice "start:stop"
+    (Python semantics, negatives allowed, e.g. "-10:"); or an explicit list of indices.
+    target_modules: name suffixes as in PEFT; None picks the architecture's default.
+    """
+
+    r: int = 32
+    r_in: int = 32
+    alpha: float = 32.0
+    target_modules: list[str] | None = None
+    layers: str | list[int] | None = None
+    normalization: str = "frobenius"
+    svd_top_k: int | None = None
+    decay: float = 1.0
+    chunk_len: int = 128
+    dtype: str = "float32"
+    init_std: float | None = None  # std of A, K, V; None = 1/sqrt(fan_in)
+    base_model: str | None = None  # hub id or path of the frozen LM, recorded by from_base
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, ...)
+
+    def __post_init__(self) -> None:
+        for name in ("r", "r_in", "chunk_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GeneratorConfig.{name} must be a positive int, got {value!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+        if self.svd_top_k is not None and not (1 <= self.svd_top_k <= min(self.r, self.r_in)):
+            raise ValueError(f"svd_top_k must be in [1, min(r, r_in)], got {self.svd_top_k}")
+        if not (0.0 < float(self.decay) <= 1.0):
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules must not be empty")
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def resolve_targets(self, model_type: str) -> list[str]:
+        if self.target_modules is not None:
+            return self.target_modules
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"no default target modules for model_type {model_type!r}; "
+                "pass GeneratorConfig(target_modules=[...])"
+            )
+        return list(DEFAULT_TARGETS[model_type])
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The decoder-layer indices that get adapters."""
+        spec = self.layers
+        if spec is None or spec == "all":
+            return list(range(num_layers))
+        if spec == "upper_half":
+            return list(range(num_layers // 2, num_layers))
+        if isinstance(spec, str):
+            parts = spec.split(":")
+            if len(parts) != 2:
+                raise ValueError(
+                    f"layers must be 'all', 'upper_half', 'start:stop' or a list; got {spec!r}"
+                )
+            start, stop = (int(p) if p.strip() else None for p in parts)
+            chosen = list(range(num_layers))[slice(start, stop)]
+        else:
+            chosen = []
+            for i in spec:
+                if not -num_layers <= int(i) < num_layers:
+                    raise ValueError(f"layer {i} out of range for a model with {num_layers} layers")
+                chosen.append(int(i) % num_layers)
+            chosen = sorted(set(chosen))
+        if not chosen:
+            raise ValueError(f"layers={spec!r} selects no layer of {num_layers}")
+        return chosen
+
+    # --- JSON round-trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeneratorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GeneratorConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GeneratorConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GeneratorConfig:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,203 @@
+"""The generator: per-module projections that turn context hidden states into low-rank deltas.
+
+For a target module with frozen weight W (out x in) in decoder layer l (DESIGN.md):
+
+    S  = sum_t (K h_t)(V h_t)^T            state, r_in x r, h_t = RMS-normalised layer-l input
+    dW = (alpha / r) B N(S)^T A            a LoRA with lora_A = N(S)^T A and lora_B = B
+
+`Generator` holds every trainable parameter of the system and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import GeneratorConfig
+
+RMS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted linear module of the base LM."""
+
+    name: str  # full module name, e.g. "model.layers.20.self_attn.o_proj"
+    layer: int  # decoder layer it lives in
+    in_features: int
+    out_features: int
+    transposed: bool  # GPT-2's Conv1D stores W as in x out
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, int]:
+    """Name and length of the ModuleList that holds the decoder layers."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, n_layers
+    raise ValueError(f"cannot find the {n_layers} decoder layers of {type(model).__name__}")
+
+
+def find_targets(model: nn.Module, config: GeneratorConfig) -> list[Target]:
+    """Resolve the config's target suffixes and layers against a concrete model."""
+    suffixes = config.resolve_targets(model.config.model_type)
+    layers_name, n_layers = _decoder_layers(model)
+    wanted_layers = set(config.resolve_layers(n_layers))
+    pattern = re.compile(rf"^{re.escape(layers_name)}\.(\d+)\.")
+    all_names = [name for name, _ in model.named_modules() if name]
+    targets, matched = [], set()
+    for name, module in model.named_modules():
+        hit = next((s for s in suffixes if name == s or name.endswith("." + s)), None)
+        layer = pattern.match(name)
+        if hit is None or layer is None:
+            continue
+        matched.add(hit)
+        if int(layer.group(1)) not in wanted_layers:
+            continue
+        if isinstance(module, nn.Linear):
+            dims, transposed = (module.in_features, module.out_features), False
+        elif isinstance(module, Conv1D):
+            dims, transposed = tuple(module.weight.shape), True  # (in, out)
+        else:
+            raise TypeError(
+                f"target {name} is a {type(module).__name__}; only nn.Linear and Conv1D are supported"
+            )
+        targets.append(Target(name, int(layer.group(1)), dims[0], dims[1], transposed))
+    missing = [s for s in suffixes if s not in matched]
+    if missing:
+        leaf_names = sorted({n.split(".")[-1] for n in all_names if pattern.match(n + ".")})
+        layer0 = [n for n in all_names if n.startswith(f"{layers_name}.0.")]
+        raise ValueError(
+            f"target modules {missing} match no module inside the decoder layers of "
+            f"{type(model).__name__}. Module names in layer 0: {layer0}. Leaf names: {leaf_names}"
+        )
+    return targets
+
+
+def rms_normalize(h: Tensor) -> Tensor:
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
+
+def normalize_state(S: Tensor, n: Tensor, mode: str, top_k: int | None = None) -> Tensor:
+    """N(S) for a batch of states S (b, r_in, r) with token counts n (b,). Empty rows give 0."""
+    if mode == "none":
+        return S / n.clamp(min=1).to(S.dtype)[:, None, None]
+    norm = torch.linalg.matrix_norm(S)  # Frobenius, (b,)
+    nonzero = (norm > 0)[:, None, None]
+    if mode == "frobenius":
+        r = S.shape[-1]
+        return torch.where(nonzero, S * (math.sqrt(r) / norm.clamp(min=1e-30))[:, None, None], 0.0)
+    if mode == "svd":
+        U, _, Vh = torch.linalg.svd(S, full_matrices=False)
+        if top_k is not None:
+            U, Vh = U[..., :top_k], Vh[..., :top_k, :]
+        return torch.where(nonzero, U @ Vh, 0.0)
+    raise ValueError(f"unknown normalization {mode!r}")
+
+
+class ModuleGenerator(nn.Module):
+    """Projections of one target module: A (r_in x in), K (r_in x d), V (r x d), B (out x r)."""
+
+    def __init__(
+        self, target: Target, hidden_size: int, config: GeneratorConfig, dtype: torch.dtype
+    ):
+        super().__init__()
+        r, r_in = config.r, config.r_in
+
+        def init(rows: int, cols: int) -> nn.Parameter:
+            std = config.init_std if config.init_std is not None else cols**-0.5
+            return nn.Parameter(torch.randn(rows, cols, dtype=dtype) * std)
+
+        self.A = init(r_in, target.in_features)
+        self.K = init(r_in, hidden_size)
+        self.V = init(r, hidden_size)
+        self.B = nn.Parameter(torch.zeros(target.out_features, r, dtype=dtype))
+
+    def statistics(self, h: Tensor, mask: Tensor) -> Tensor:
+        """sum_t (K h_t)(V h_t)^T over unmasked tokens: h (b, t, d), mask (b, t) -> (b, r_in, r)."""
+        k = (h @ self.K.T) * mask[..., None]
+        v = h @ self.V.T
+        return k.transpose(1, 2) @ v
+
+    def delta(self, x: Tensor, N: Tensor, scaling: float) -> Tensor:
+        """(alpha/r) B N^T A x for x (b, s, in) and per-row N (b, r_in, r); never builds dW."""
+        return ((x @ self.A.T) @ N) @ (self.B.T * scaling)
+
+
+def module_key(name: str) -> str:
+    return name.replace(".", "__")  # nn.ModuleDict keys cannot contain dots
+
+
+class Generator(nn.Module):
+    """All generator parameters, one ModuleGenerator per target module of the base LM."""
+
+    def __init__(self, config: GeneratorConfig, targets: list[Target], hidden_size: int):
+        super().__init__()
+        if not targets:
+            raise ValueError("the generator needs at least one target module")
+        self.config = config
+        self.targets = list(targets)
+        self.hidden_size = hidden_size
+        dtype = getattr(torch, config.dtype)
+        self.blocks = nn.ModuleDict(
+            {module_key(t.name): ModuleGenerator(t, hidden_size, config, dtype) for t in targets}
+        )
+        self.layers = sorted({t.layer for t in targets})
+        self._fingerprint_cache: tuple[tuple, str] | None = None
+
+    def __getitem__(self, name: str) -> ModuleGenerator:
+        return self.blocks[module_key(name)]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        # states are sums over many tokens: accumulate in at least float32
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def statistics(self, hidden_states: tuple[Tensor, ...], mask: Tensor) -> dict[str, Tensor]:
+        """Per-row state increments from the base LM's hidden states (HF index l = input of layer l)."""
+        out, mask = {}, mask.to(self.dtype)
+        for layer in self.layers:
+            h = rms_normalize(hidden_states[layer].to(self.dtype))
+            for t in self.targets:
+                if t.layer == layer:
+                    out[t.name] = self[t.name].statistics(h, mask).to(self.state_dtype)
+        return out
+
+    def normalized(self, S: dict[str, Tensor], n: Tensor) -> dict[str, Tensor]:
+        c = self.config
+        return {
+            k: normalize_state(s.to(self.dtype), n, c.normalization, c.svd_top_k)
+            for k, s in S.items()
+        }
+
+    def lora_weights(self, S: dict[str, Tensor], n: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """{name: (lora_A (b, r, in), lora_B (out, r))}: the exact LoRA this state generates."""
+        N = self.normalized(S, n)
+        return {name: (N[name].transpose(1, 2) @ self[name].A, self[name].B) for name in self.names}
+
+    def fingerprint(self) -> str:
+        """Identity of what a state means: config shape + the K, V weights that produce S."""
+        params = [p for name in self.names for p in (self[name].K, self[name].V)]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
+            h = hashlib.sha256()
+            c = self.config
+            h.update(repr((c.base_model, c.r, c.r_in, self.names)).encode())
+            for p in params:
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint_cache = (key, h.hexdigest()[:16])
+        return self._fingerprint_cache[1]

@@ -1,0 +1,460 @@
+"""GenerativeAdapter: a frozen causal LM plus a generator that adapts it from a context stream.
+
+The base LM is never changed: the side path adds (alpha/r) B N(S)^T A x through forward hooks
+that exist only for the duration of one call, and `merged` restores W bit-exactly on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .assets import load_base_model
+from .config import GeneratorConfig
+from .generator import Generator, find_targets
+from .state import AdapterState, StateMismatchError
+
+CONFIG_NAME = "generator_config.json"
+WEIGHTS_NAME = "generator.safetensors"
+
+TextOrIds = str | Sequence[str] | Tensor | Sequence[Sequence[int]]
+
+
+class GenerativeAdapter(nn.Module):
+    def __init__(self, base_model: nn.Module, generator: Generator, tokenizer: Any = None):
+        super().__init__()
+        base_model.requires_grad_(False)
+        base_model.eval()
+        self.base_model = base_model
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.config: GeneratorConfig = generator.config
+        self.chunk_batch_size = 8  # chunks per frozen forward while reading
+        self._merged = False
+        self._modules_by_name = dict(base_model.named_modules())
+        self.generator.to(self.device)
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_base(
+        cls,
+        base_model: nn.Module | str,
+        config: GeneratorConfig | None = None,
+        tokenizer: Any = None,
+    ) -> GenerativeAdapter:
+        """A fresh generator (B = 0, so it changes nothing yet) for a base LM or its name/path."""
+        config = dataclasses.replace(config or GeneratorConfig())
+        if isinstance(base_model, str):
+            name = base_model
+            base_model, loaded_tok = load_base_model(name)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
+            config.base_model = name
+        elif config.base_model is None:
+            config.base_model = getattr(base_model.config, "_name_or_path", None) or None
+        targets = find_targets(base_model, config)
+        generator = Generator(config, targets, base_model.config.hidden_size)
+        return cls(base_model, generator, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, base_model: nn.Module | str | None = None, tokenizer: Any = None
+    ) -> GenerativeAdapter:
+        """A trained generator; loads the base LM its config names unless one is passed."""
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved generator")
+        config = GeneratorConfig.load(path / CONFIG_NAME)
+        if base_model is None:
+            if not config.base_model:
+                raise ValueError(f"{path} names no base model; pass base_model=")
+            base_model = config.base_model
+        if isinstance(base_model, str):
+            base_model, loaded_tok = load_base_model(base_model)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        ga = cls(
+            base_model,
+            Generator(config, find_targets(base_model, config), base_model.config.hidden_size),
+            tokenizer,
+        )
+        weights = load_file(str(path / WEIGHTS_NAME))
+        expected = ga.generator_state_dict()
+        if weights.keys() != expected.keys():
+            raise ValueError(
+                f"{path / WEIGHTS_NAME} does not fit this base model: "
+                f"missing {sorted(expected.keys() - weights.keys())[:5]}, "
+                f"unexpected {sorted(weights.keys() - expected.keys())[:5]}"
+            )
+        with torch.no_grad():
+            for k, p in expected.items():
+                p.copy_(weights[k])
+        return ga
+
+    def generator_state_dict(self) -> dict[str, Tensor]:
+        """Generator parameters keyed by the base-LM module they adapt: '<module>.<A|K|V|B>'."""
+        return {
+            f"{n}.{p}": getattr(self.generator[n], p) for n in self.generator.names for p in "AKVB"
+        }
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save(path / CONFIG_NAME)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.generator_state_dict().items()}
+        save_file(
+            tensors,
+            str(path / WEIGHTS_NAME),
+            metadata={"fingerprint": self.generator.fingerprint()},
+        )
+
+    # --- properties -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_model.get_input_embeddings().num_embeddings
+
+    def train(self, mode: bool = True) -> GenerativeAdapter:
+        """Only the generator trains; the frozen LM stays in eval mode (no dropout)."""
+        self.training = mode
+        self.generator.train(mode)
+        self.base_model.eval()
+        return self
+
+    # --- states -----------------------------------------------------------------------------
+    def new_state(self, batch_size: int = 1) -> AdapterState:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        g, c = self.generator, self.config
+        kw = {"dtype": g.state_dtype, "device": self.device}
+        S = {name: torch.zeros(batch_size, c.r_in, c.r, **kw) for name in g.names}
+        return AdapterState(S, torch.zeros(batch_size, **kw), g.fingerprint(), c.to_dict())
+
+    def check_state(self, state: AdapterState, batch_size: int | None = None) -> None:
+        if not isinstance(state, AdapterState):
+            raise TypeError(f"state must be an AdapterState, got {type(state).__name__}")
+        mine = self.generator.fingerprint()
+        if state.generator != mine:
+            raise StateMismatchError(
+                f"state belongs to generator {state.generator} "
+                f"(base {state.config.get('base_model')!r}, r={state.config.get('r')}, "
+                f"r_in={state.config.get('r_in')}), but this adapter's generator is {mine} "
+                f"(base {self.config.base_model!r}, r={self.config.r}, r_in={self.config.r_in})"
+            )
+        if batch_size is not None and state.batch_size != batch_size:
+            raise ValueError(f"state has batch size {state.batch_size}, inputs have {batch_size}")
+
+    # --- reading ----------------------------------------------------------------------------
+    def _rows(self, inputs: TextOrIds, attention_mask: Tensor | None) -> list[Tensor]:
+        """One 1-D LongTensor of real (unpadded) token ids per batch row."""
+        if isinstance(inputs, str) or (
+            isinstance(inputs, Sequence) and inputs and all(isinstance(t, str) for t in inputs)
+        ):
+            if self.tokenizer is None:
+                raise ValueError("this adapter has no tokenizer: pass token ids")
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return [torch.tensor(r, dtype=torch.long) for r in ids]
+        if isinstance(inputs, Sequence) and not isinstance(inputs, Tensor):
+            if not inputs:
+                raise ValueError("empty input: nothing to read")
+            try:
+                return [self._check_ids(torch.tensor(list(r), dtype=torch.long)) for r in inputs]
+            except (TypeError, ValueError) as e:
+                raise TypeError(
+                    f"read takes text, a list of texts or token ids; got {type(inputs[0]).__name__} rows ({e})"
+                ) from e
+        if not isinstance(inputs, Tensor):
+            raise TypeError(
+                f"read takes text, a list of texts or token ids, not {type(inputs).__name__}"
+            )
+        ids = inputs[None] if inputs.dim() == 1 else inputs
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(
+                f"token ids must be an integer tensor (batch, seq), got {ids.dtype} {tuple(ids.shape)}"
+            )
+        self._check_ids(ids)
+        if attention_mask is None:
+            return [row.long() for row in ids]
+        mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)} != input shape {tuple(ids.shape)}"
+            )
+        return [row[m.bool()].long() for row, m in zip(ids, mask, strict=True)]
+
+    def _check_ids(self, ids: Tensor) -> Tensor:
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}); got min {int(ids.min())}, max {int(ids.max())}"
+            )
+        return ids
+
+    @torch.no_grad()
+    def context_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        """Hidden states entering every decoder layer when the frozen LM reads these chunks alone."""
+        out = self.base_model.base_model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.hidden_states
+
+    def read(
+        self,
+        inputs: TextOrIds,
+        state: AdapterState | None = None,
+        attention_mask: Tensor | None = None,
+        decay: float | None = None,
+    ) -> AdapterState:
+        """Read context into a new state: each row is cut into `chunk_len` chunks, each chunk is
+        one no-grad forward of the frozen LM on its own. Padding never enters S or n.
+
+        With decay gamma, each chunk does S <- gamma S + dS, so reading chunk by chunk or in
+        one call gives the same state. Gradients flow into K and V when grad is enabled.
+        """
+        rows = self._rows(inputs, attention_mask)
+        state = self.new_state(len(rows)) if state is None else state
+        self.check_state(state, len(rows))
+        gamma = self.config.decay if decay is None else float(decay)
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {gamma}")
+        C = self.config.chunk_len
+        # every chunk of every row, with its row and how many chunks of that row follow it
+        chunks, n_chunks = [], []
+        for i, row in enumerate(rows):
+            pieces = [p for p in row.split(C) if len(p)]
+            chunks += [(i, piece, len(pieces) - 1 - j) for j, piece in enumerate(pieces)]
+            n_chunks.append(len(pieces))
+        if not chunks:
+            return state.clone()
+        n_chunks = torch.tensor(n_chunks, dtype=state.n.dtype)
+        row_decay = (gamma**n_chunks).to(self.device)
+        S = {k: s * row_decay[:, None, None] for k, s in state.S.items()}
+        n = state.n * row_decay
+        pad = 0
+        for start in range(0, len(chunks), self.chunk_batch_size):
+            batch = chunks[start : start + self.chunk_batch_size]
+            length = max(len(p) for _, p, _ in batch)
+            ids = torch.full((len(batch), length), pad, dtype=torch.long)
+            mask = torch.zeros(len(batch), length, dtype=torch.long)
+            for j, (_, piece, _) in enumerate(
+                batch
+            ):  # right padding: causal attention never sees it
+                ids[j, : len(piece)] = piece
+                mask[j, : len(piece)] = 1
+            hidden = self.context_features(ids, mask)
+            mask = mask.to(self.device)
+            weight = torch.tensor(
+                [gamma**after for _, _, after in batch], dtype=state.n.dtype, device=self.device
+            )
+            row_idx = torch.tensor([i for i, _, _ in batch], device=self.device)
+            for k, dS in self.generator.statistics(hidden, mask).items():
+                S[k] = S[k].index_add(0, row_idx, dS * weight[:, None, None])
+            n = n.index_add(0, row_idx, mask.sum(1).to(n.dtype) * weight)
+        return AdapterState(S, n, state.generator, state.config, dict(state.metadata))
+
+    # --- the adapted model ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def adapted(self, state: AdapterState) -> Iterator[None]:
+        """Within the block, every forward of `base_model` uses the state (side path, per row)."""
+        if self._merged:
+            raise RuntimeError(
+                "a state is merged into the weights: call without state= inside merged()"
+            )
+        self.check_state(state)
+        if bool(state.is_empty().all()):
+            yield  # an empty state is exactly the base model
+            return
+        scaling = self.config.scaling
+        N = self.generator.normalized(state.S, state.n)
+        handles = []
+
+        def make_hook(name: str):
+            block = self.generator[name]
+
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+                x = args[0]
+                Nx = N[name]
+                if x.shape[0] != Nx.shape[0]:
+                    if x.shape[0] % Nx.shape[0]:
+                        raise ValueError(
+                            f"input batch {x.shape[0]} does not match state batch {Nx.shape[0]}"
+                        )
+                    Nx = Nx.repeat_interleave(x.shape[0] // Nx.shape[0], 0)  # generate's expansion
+                delta = block.delta(x.to(block.A.dtype), Nx, scaling)
+                return output + delta.to(output.dtype)
+
+            return hook
+
+        try:
+            for name in self.generator.names:
+                handles.append(self._modules_by_name[name].register_forward_hook(make_hook(name)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: AdapterState | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """HF-style causal-LM output of the base LM adapted by `state` (one state row per input row)."""
+        input_ids = self._as_batch(input_ids)
+        if state is None:
+            return self.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+        self.check_state(state, input_ids.shape[0])
+        with self.adapted(state):
+            return self.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+
+    def _as_batch(self, input_ids: Tensor) -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.is_floating_point():
+            raise TypeError("input_ids must be an integer tensor")
+        ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be (batch, seq) with seq > 0, got {tuple(input_ids.shape)}"
+            )
+        return self._check_ids(ids).to(self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str] | Tensor,
+        state: AdapterState | None = None,
+        max_new_tokens: int = 64,
+        chat: bool = False,
+        **kwargs: Any,
+    ) -> str | list[str] | Tensor:
+        """Greedy (by default) continuation of the prompt with the state applied.
+
+        Text in, text out (new tokens only); token ids in, new token ids out. With chat=True the
+        prompt is wrapped as a user turn in the tokenizer's chat template.
+        """
+        single = isinstance(prompt, str)
+        if isinstance(prompt, Tensor):
+            ids, mask = self._as_batch(prompt), None
+        else:
+            if self.tokenizer is None:
+                raise ValueError("this adapter has no tokenizer: pass token ids")
+            texts = [prompt] if single else list(prompt)
+            if chat:
+                texts = [
+                    self.tokenizer.apply_chat_template(
+                        [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+                    )
+                    for t in texts
+                ]
+            side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+            try:
+                enc = self.tokenizer(
+                    texts, return_tensors="pt", padding=True, add_special_tokens=not chat
+                )
+            finally:
+                self.tokenizer.padding_side = side
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        kwargs.setdefault("do_sample", False)
+        pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
+        kwargs.setdefault(
+            "pad_token_id", pad if pad is not None else self.base_model.config.eos_token_id
+        )
+        ctx = self.adapted(state) if state is not None else contextlib.nullcontext()
+        if state is not None:
+            self.check_state(state, ids.shape[0])
+        with ctx:
+            out = self.base_model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs
+            )
+        new = out[:, ids.shape[1] :]
+        if isinstance(prompt, Tensor):
+            return new
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts[0] if single else texts
+
+    # --- weights ----------------------------------------------------------------------------
+    def delta_weights(self, state: AdapterState, row: int | None = None) -> dict[str, Tensor]:
+        """{module name: dW (out x in, nn.Linear convention)} for one state row."""
+        self.check_state(state)
+        if row is None:
+            if state.batch_size != 1:
+                raise ValueError(f"state has {state.batch_size} rows: pass row=")
+            row = 0
+        one = state.select(row)
+        lora = self.generator.lora_weights(one.S, one.n)
+        return {name: self.config.scaling * (B @ A[0]) for name, (A, B) in lora.items()}
+
+    @contextlib.contextmanager
+    def merged(self, state: AdapterState, row: int | None = None) -> Iterator[GenerativeAdapter]:
+        """W <- W + dW for fast decoding; restored bit-exactly on exit, also on error."""
+        if self._merged:
+            raise RuntimeError("already inside merged()")
+        with torch.no_grad():
+            deltas = self.delta_weights(state, row)
+        saved: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for t in self.generator.targets:
+                    weight = self._modules_by_name[t.name].weight
+                    saved[t.name] = weight.detach().clone()
+                    dW = deltas[t.name].T if t.transposed else deltas[t.name]  # Conv1D: in x out
+                    weight.add_(dW.to(weight.dtype))
+            self._merged = True
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, original in saved.items():
+                    self._modules_by_name[name].weight.copy_(original)
+            self._merged = False
+
+    def export_lora(self, state: AdapterState, path: str | Path, row: int | None = None) -> Path:
+        """Write the generated adapter as a PEFT LoRA directory (`PeftModel.from_pretrained`)."""
+        from peft import LoraConfig
+
+        self.check_state(state)
+        if row is None:
+            if state.batch_size != 1:
+                raise ValueError(f"state has {state.batch_size} rows: pass row=")
+            row = 0
+        one = state.select(row)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lora = self.generator.lora_weights(one.S, one.n)
+        tensors = {}
+        for name, (A, B) in lora.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A[0].detach().contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
+        transposed = any(t.transposed for t in self.generator.targets)
+        config = LoraConfig(
+            r=self.config.r,
+            lora_alpha=self.config.alpha,
+            target_modules=self.generator.names,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            fan_in_fan_out=transposed,
+            base_model_name_or_path=self.config.base_model,
+        )
+        config.save_pretrained(str(path))
+        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (path / "genadapter.json").write_text(
+            json.dumps({"generator": state.generator, "tokens_read": float(one.n[0])}, indent=1)
+        )
+        return path
