@@ -25,8 +25,15 @@ def tiny_config(arch: str, vocab: int = VOCAB):
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=512,
-                          bos_token_id=0, eos_token_id=1)
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
     raise ValueError(arch)
 
 
@@ -47,7 +54,9 @@ def arch(request) -> str:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     if not is_complete(smollm2_dir()):
-        pytest.fail("offline SmolLM2 assets missing: run `make assets` (python data/fetch_assets.py)")
+        pytest.fail(
+            "offline SmolLM2 assets missing: run `make assets` (python data/fetch_assets.py)"
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir())

@@ -1,0 +1,80 @@
+"""Helpers shared by the benchmark generators: splits, seeded RNGs, fictional names, lengths."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+SPLITS = ("train", "validation", "test")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    return split
+
+
+def split_of(key: str) -> str:
+    """80/10/10 split of a string by hash, independent of any seed.
+
+    Splitting names and titles by hash (not by a seeded shuffle) keeps the splits disjoint
+    even between files generated with different seeds.
+    """
+    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % 10
+    return "train" if h < 8 else "validation" if h == 8 else "test"
+
+
+def rng_for(*parts: object) -> random.Random:
+    """A private RNG per (benchmark, split, seed, ...): str seeds are stable across runs."""
+    return random.Random("/".join(map(str, parts)))
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def estimate_tokens(text: str, tokenizer=None) -> int:
+    """Exact token count with a tokenizer, else ~1.3 tokens per whitespace word."""
+    if tokenizer is not None:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return round(1.3 * count_words(text))
+
+
+def article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+# Syllable pools chosen to sound invented, so names rarely collide with real entities.
+_ONSETS = "b br d dr f g gr k kr l m n p qu r s t th v z zh y j h w st sk ph x".split()
+_NUCLEI = "a e i o u ae ai ei ou y ia eo".split()
+_CODAS = ["", "", "", "n", "r", "l", "s", "th", "x", "m", "nd", "rk", "v", "sh"]
+
+
+class NameMaker:
+    """Fictional names that all hash into one split and never repeat within an episode."""
+
+    def __init__(self, rng: random.Random, split: str):
+        self.rng, self.split, self.used = rng, check_split(split), set()
+
+    def word(self, n_syllables: int) -> str:
+        r = self.rng
+        return "".join(
+            r.choice(_ONSETS) + r.choice(_NUCLEI) + r.choice(_CODAS) for _ in range(n_syllables)
+        ).capitalize()
+
+    def unique(self, make) -> str:
+        """Draw `make()` until the result is unused and belongs to this split."""
+        for _ in range(10_000):
+            name = make()
+            if name not in self.used and split_of(name) == self.split:
+                self.used.add(name)
+                return name
+        raise RuntimeError("name space exhausted")
+
+    def first_name(self) -> str:
+        return self.word(self.rng.choice((1, 2, 2)))
+
+    def person(self, surname: str | None = None) -> str:
+        return self.unique(
+            lambda: f"{self.first_name()} {surname or self.word(self.rng.choice((2, 2, 3)))}"
+        )

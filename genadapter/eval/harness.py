@@ -1,0 +1,220 @@
+"""Run every method on every episode of one task and collect one record per (method, episode).
+
+Same base model, same data, same prompt format for all methods; the whole run is fixed by an
+`EvalConfig`, which is saved next to the results so every figure can be regenerated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from genadapter.assets import DEFAULT_MODEL
+from genadapter.data.episodes import read_episodes
+from genadapter.eval.methods import BaseModelChanged, DoesNotFit, Method, make_method
+from genadapter.eval.metrics import option_accuracy, peak_rss_bytes, reset_peak_rss, squad_scores
+from genadapter.eval.prompts import join_context
+
+TASKS = ("qa", "demo", "conversation")
+ALL_METHODS = (
+    "base",
+    "prompt",
+    "prompt-window",
+    "genadapter",
+    "ttt-lora",
+    "ttt-bitfit",
+    "ttt-adapter",
+)
+
+
+@dataclass
+class EvalConfig:
+    """Everything that fixes an evaluation run (YAML keys = field names = CLI flags)."""
+
+    task: str = "qa"
+    data: list[str] = field(default_factory=list)  # episode files; each is one group in plots
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    out: str = "experiments/eval/out"
+    model: str = DEFAULT_MODEL
+    generator: str | None = None  # trained generator dir; None = fresh (untrained) generator
+    max_episodes: int | None = None  # per data file
+    max_questions: int | None = None  # per episode
+    ttt_steps: int = 5
+    ttt_lr: float = 1e-3
+    ttt_max_len: int = 512
+    window: int = 256  # prompt-window budget, tokens of context
+    max_new_tokens: int = 24
+    seed: int = 0
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method kwargs
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        unknown = sorted(set(self.methods) - set(ALL_METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+        if not self.methods:
+            raise ValueError("no methods to evaluate")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown eval config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def method_kwargs(self, name: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if name == "prompt-window":
+            kwargs["window"] = self.window
+        if name.startswith("ttt-"):
+            kwargs.update(
+                steps=self.ttt_steps, lr=self.ttt_lr, max_len=self.ttt_max_len, seed=self.seed
+            )
+        kwargs.update(self.method_options.get(name, {}))
+        return kwargs
+
+
+def load_episodes(config: EvalConfig) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(source, episode) pairs of every data file, and every problem found (skipped lines)."""
+    pairs, problems = [], []
+    for path in config.data:
+        episodes, bad = read_episodes(path, kind=config.task)
+        problems += [f"{path}: {p}" for p in bad]
+        for ep in episodes[: config.max_episodes]:
+            pairs.append((str(path), ep))
+    return pairs, problems
+
+
+def evaluate_episode(
+    method: Method, episode: Any, task: str, max_questions: int | None = None
+) -> dict[str, Any]:
+    """Adapt `method` to one episode and score it; one JSON-ready record."""
+    reset_peak_rss()
+    rec: dict[str, Any] = {"status": "ok"}
+    with method.adapt(episode.context_texts()) as adapted:
+        items, latencies = [], []
+        if task == "demo":
+            for q in episode.queries[:max_questions]:
+                t0 = time.perf_counter()
+                scores = adapted.score_options(q.input, q.options)
+                latencies.append(time.perf_counter() - t0)
+                acc = option_accuracy(scores, q.options, q.output)
+                items.append(
+                    {"input": q.input, "gold": q.output, "scores": scores, "accuracy": acc}
+                )
+        else:
+            for qa in episode.qas[:max_questions]:
+                t0 = time.perf_counter()
+                prediction = adapted.answer(qa.question)
+                latencies.append(time.perf_counter() - t0)
+                # NLL of the first (canonical) gold answer: did the knowledge get in at all?
+                nll = adapted.answer_nll(qa.question, qa.answers[0])
+                items.append(
+                    {"question": qa.question, "gold": qa.answers, "prediction": prediction,
+                     **squad_scores(prediction, qa.answers), "nll": nll}
+                )  # fmt: skip
+        stats = {k: v for k, v in adapted.stats.items() if k != "train_losses"}
+        if "train_losses" in adapted.stats:
+            stats["train_loss_first"] = adapted.stats["train_losses"][0]
+            stats["train_loss_last"] = adapted.stats["train_losses"][-1]
+    rec.update(stats)
+    rec["answer_seconds"] = sum(latencies) / len(latencies)
+    rec["peak_rss_bytes"] = peak_rss_bytes()
+    keys = ("accuracy",) if task == "demo" else ("em", "f1", "nll")
+    for k in keys:
+        rec[k] = sum(it[k] for it in items) / len(items)
+    rec["items"] = items
+    return rec
+
+
+def build_methods(config: EvalConfig, model, tokenizer, ga=None) -> dict[str, Method]:
+    if "genadapter" in config.methods and ga is None:
+        ga = load_generator(config, model, tokenizer)
+    return {
+        name: make_method(name, model, tokenizer, ga=ga, **config.method_kwargs(name))
+        for name in config.methods
+    }
+
+
+def load_generator(config: EvalConfig, model, tokenizer):
+    from genadapter import GenerativeAdapter, GeneratorConfig
+
+    if config.generator:
+        return GenerativeAdapter.from_pretrained(
+            config.generator, base_model=model, tokenizer=tokenizer
+        )
+    return GenerativeAdapter.from_base(model, GeneratorConfig(), tokenizer=tokenizer)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_eval(
+    config: EvalConfig, model=None, tokenizer=None, ga=None, progress: bool = True
+) -> dict[str, Any]:
+    """Evaluate every method on every episode; returns the results dict (see `report`).
+
+    Bad episodes are skipped and listed under "problems"; a context too long for a prompt
+    method is recorded as "does not fit"; any other failure of one (method, episode) pair is
+    recorded as "error" with its message, except a base model changed by test-time training,
+    which stops the run (every later result would be wrong).
+    """
+    if model is None:
+        from genadapter.assets import load_base_model
+
+        model, tokenizer = load_base_model(config.model)
+    model.eval()
+    torch.manual_seed(config.seed)
+    pairs, problems = load_episodes(config)
+    methods = build_methods(config, model, tokenizer, ga)
+    records = []
+    bar = tqdm(total=len(pairs) * len(methods), disable=not progress, desc="eval")
+    for name, method in methods.items():
+        for source, episode in pairs:
+            bar.set_postfix_str(f"{name} {episode.id}")
+            ids = tokenizer(join_context(episode.context_texts()), add_special_tokens=False)
+            base = {"method": name, "episode": episode.id, "source": source,
+                    "context_tokens": len(ids.input_ids)}  # fmt: skip
+            try:
+                rec = evaluate_episode(method, episode, config.task, config.max_questions)
+            except DoesNotFit as e:
+                rec = {"status": "does not fit", "reason": str(e)}
+            except BaseModelChanged:
+                raise
+            except Exception as e:  # one bad pair must not sink the run
+                rec = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+                problems.append(f"{name} on {episode.id}: {rec['reason']}")
+            records.append({**base, **rec})
+            bar.update()
+    bar.close()
+    generator = "n/a"
+    if "genadapter" in methods:
+        generator = config.generator or "untrained (fresh generator: equals base by design)"
+    return {
+        "config": dataclasses.asdict(config),
+        "git_commit": git_commit(),
+        "model": config.model,
+        "generator": generator,
+        "torch_threads": torch.get_num_threads(),
+        "problems": problems,
+        "records": records,
+    }

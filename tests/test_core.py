@@ -1,0 +1,296 @@
+"""The contract of DESIGN.md on tiny random Llama, Qwen2 and GPT-2 models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, randomize_generator, tiny_model
+
+from genadapter import AdapterState, GenerativeAdapter, GeneratorConfig, StateMismatchError
+
+
+def make(arch: str, seed: int = 0, random: bool = True, **cfg) -> GenerativeAdapter:
+    cfg = {"r": 4, "r_in": 6, "chunk_len": 8, **cfg}
+    ga = GenerativeAdapter.from_base(tiny_model(arch), GeneratorConfig(**cfg))
+    if random:
+        randomize_generator(ga, seed)
+    return ga
+
+
+def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_states_close(a: AdapterState, b: AdapterState, tol: float = 1e-5) -> None:
+    assert a.S.keys() == b.S.keys()
+    torch.testing.assert_close(a.n, b.n)
+    for k in a.S:
+        torch.testing.assert_close(a.S[k], b.S[k], rtol=tol, atol=tol)
+
+
+def base_params(ga) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in ga.base_model.state_dict().items()}
+
+
+# 1. empty state == base, exactly
+@pytest.mark.parametrize("batch", [1, 3])
+def test_empty_state_is_exactly_base(arch, batch):
+    ga = make(arch)
+    x = ids(batch, 11)
+    base = ga.base_model(x).logits
+    assert torch.equal(ga(x, state=ga.new_state(batch)).logits, base)
+    if batch == 1:
+        assert torch.equal(ga(x[0], state=ga.new_state(1)).logits, base)
+
+
+# 2. fresh generator (B = 0) changes nothing, even with a non-empty state
+def test_fresh_generator_changes_nothing(arch):
+    ga = make(arch, random=False)
+    state = ga.read(ids(2, 30))
+    assert (state.n == 30).all() and any(s.abs().sum() > 0 for s in state.S.values())
+    x = ids(2, 9, seed=5)
+    assert torch.equal(ga(x, state=state).logits, ga.base_model(x).logits)
+
+
+# 3. exact streaming
+def test_streaming_equalities(arch):
+    ga = make(arch, chunk_len=8)
+    doc = ids(1, 32)  # four chunks
+    chunks = doc.split(8, dim=1)
+    whole = ga.read(doc)
+    one_by_one = ga.new_state()
+    for c in chunks:
+        one_by_one = ga.read(c, one_by_one)
+    assert_states_close(whole, one_by_one)
+    reversed_order = ga.new_state()
+    for c in reversed(chunks):
+        reversed_order = ga.read(c, reversed_order)
+    assert_states_close(whole, reversed_order)
+    a, b = torch.cat(chunks[:2], 1), torch.cat(chunks[2:], 1)
+    assert_states_close(ga.read(a) + ga.read(b), whole)
+    # decay: chunk by chunk equals one call
+    gamma = 0.7
+    stepwise = ga.new_state()
+    for c in chunks:
+        stepwise = ga.read(c, stepwise, decay=gamma)
+    assert_states_close(ga.read(doc, decay=gamma), stepwise)
+    assert_states_close(whole.decay(0.5), ga.read(doc).decay(0.5))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_single_rows(arch, side):
+    ga = make(arch, chunk_len=8)
+    rows = [ids(1, n, seed=n)[0] for n in (5, 19, 12)]
+    width = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        x[i, sl], mask[i, sl] = r, 1
+    batched = ga.read(x, attention_mask=mask)
+    singles = AdapterState.stack([ga.read(r) for r in rows])
+    assert_states_close(batched, singles)
+    assert batched.n.tolist() == [5, 19, 12]
+
+
+# 4. delta weights: rank <= r, and the side path == W + dW (float64 recomputation)
+def test_delta_weights_match_float64_recomputation(arch):
+    ga = make(arch, r=3, r_in=5)
+    state = ga.read(ids(1, 40))
+    x = ids(1, 13, seed=9)
+    adapted = ga(x, state=state).logits
+    deltas = ga.delta_weights(state)
+    for dW in deltas.values():
+        sv = torch.linalg.svdvals(dW.detach())
+        assert sv[3:].max() < 1e-5 * sv[0]  # rank <= r up to float32 rounding
+    # reference: a float64 copy of everything, dW recomputed from the definition
+    g64 = copy.deepcopy(ga).double()
+    ref_model = copy.deepcopy(ga.base_model).double()
+    st64 = AdapterState({k: s.double() for k, s in state.S.items()}, state.n.double(), "", {})
+    modules = dict(ref_model.named_modules())
+    with torch.no_grad():
+        for t in g64.generator.targets:
+            block = g64.generator[t.name]
+            S = st64.S[t.name][0]
+            N = S * (3**0.5) / torch.linalg.matrix_norm(S)
+            dW = (ga.config.alpha / 3) * block.B @ N.T @ block.A
+            torch.testing.assert_close(deltas[t.name].double(), dW, rtol=1e-5, atol=1e-6)
+            w = modules[t.name].weight
+            w += dW.T if t.transposed else dW
+        ref = ref_model(x).logits
+    rel = (adapted.double() - ref).norm() / ref.norm()
+    assert rel < 1e-5, rel
+    assert (adapted - ga.base_model(x).logits).abs().max() > 1e-3  # the delta does something
+
+
+# 5. merged == side path; W restored bit-exactly, also on error
+def test_merged_matches_side_path_and_restores(arch):
+    ga = make(arch)
+    state = ga.read(ids(1, 25))
+    x = ids(1, 10, seed=3)
+    side = ga(x, state=state).logits
+    before = base_params(ga)
+    with ga.merged(state):
+        merged = ga(x).logits
+        with pytest.raises(RuntimeError):
+            ga(x, state=state)
+    torch.testing.assert_close(merged, side, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, ga.base_model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ZeroDivisionError), ga.merged(state):
+        _ = 1 / 0
+    assert all(torch.equal(v, ga.base_model.state_dict()[k]) for k, v in before.items())
+    assert not ga._merged
+
+
+# 6. PEFT loads the exported LoRA and gives the adapted logits
+def test_export_lora_loads_in_peft(arch, tmp_path):
+    from peft import PeftModel
+
+    ga = make(arch)
+    state = ga.read(ids(1, 30))
+    x = ids(2, 12, seed=4)
+    adapted = ga(x, state=state.repeat(2)).logits
+    ga.export_lora(state, tmp_path / "lora")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(ga.base_model), tmp_path / "lora")
+    with torch.no_grad():
+        got = peft_model(input_ids=x).logits
+    rel = (got - adapted).norm() / adapted.norm()
+    assert rel < 1e-4, rel
+
+
+# 7. normalised deltas do not depend on how much was read
+@pytest.mark.parametrize("norm", ["frobenius", "svd"])
+def test_reading_twice_gives_same_deltas(norm):
+    ga = make("llama", normalization=norm)
+    doc = ids(1, 24)
+    once = ga.delta_weights(ga.read(doc))
+    twice = ga.delta_weights(ga.read(doc, ga.read(doc)))
+    for k in once:
+        torch.testing.assert_close(twice[k], once[k], rtol=1e-4, atol=1e-6)
+
+
+def test_none_normalization_is_mean():
+    ga = make("llama", normalization="none")
+    doc = ids(1, 24)
+    st = ga.read(doc)
+    torch.testing.assert_close(ga.delta_weights(ga.read(doc, st))["model.layers.0.mlp.down_proj"],
+                               ga.delta_weights(st)["model.layers.0.mlp.down_proj"])  # fmt: skip
+
+
+# 8. save/load round trips; a state of another generator is refused by name
+def test_round_trips_and_mismatch(tmp_path):
+    ga = make("qwen2")
+    state = ga.read(ids(2, 20))
+    state.metadata["note"] = "x"
+    state.save(tmp_path / "s.safetensors")
+    loaded = AdapterState.load(tmp_path / "s.safetensors")
+    assert loaded.equal(state) and loaded.metadata == {"note": "x"}
+    assert loaded.config["r"] == 4
+    ga.save_pretrained(tmp_path / "gen")
+    ga2 = GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model)
+    for k, v in ga.generator_state_dict().items():
+        assert torch.equal(v, ga2.generator_state_dict()[k])
+    x = ids(2, 7)
+    assert torch.equal(ga2(x, state=loaded).logits, ga(x, state=state).logits)
+    other = make("qwen2", seed=1)
+    with pytest.raises(StateMismatchError, match=state.generator) as err:
+        other(x, state=loaded)
+    assert other.generator.fingerprint() in str(err.value)
+    with pytest.raises(StateMismatchError):
+        _ = state + other.read(ids(2, 5))
+
+
+# 9. base LM untouched by every public call, never requires grad; gradients reach the generator
+def test_base_untouched_and_gradients_reach_generator(tmp_path):
+    ga = make("llama")
+    before = base_params(ga)
+    assert not any(p.requires_grad for p in ga.base_model.parameters())
+    state = ga.read(ids(2, 30))  # grad enabled: flows through K and V
+    out = ga(ids(2, 9), state=state, labels=ids(2, 9))
+    out.loss.backward()
+    for name, p in ga.generator.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not any(p.grad is not None for p in ga.base_model.parameters())
+    ga.generate(ids(1, 4), state=state.select(0).detach(), max_new_tokens=3)
+    ga.delta_weights(state.select(1))
+    ga.export_lora(state.select(0), tmp_path / "l")
+    with ga.merged(state.select(0)):
+        ga(ids(1, 5))
+    after = ga.base_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert {id(p) for p in ga.generator.parameters()}.isdisjoint(
+        id(p) for p in ga.base_model.parameters()
+    )
+
+
+def test_per_row_states_in_one_batch():
+    ga = make("llama")
+    s0, s1 = ga.read(ids(1, 20, seed=1)), ga.read(ids(1, 33, seed=2))
+    x = ids(2, 6, seed=7)
+    both = ga(x, state=AdapterState.stack([s0, s1])).logits
+    torch.testing.assert_close(both[0:1], ga(x[0:1], state=s0).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1:2], ga(x[1:2], state=s1).logits, rtol=1e-5, atol=1e-5)
+    mixed = AdapterState.stack([s0, ga.new_state()])  # an empty row is exactly base
+    assert torch.equal(ga(x, state=mixed).logits[1], ga.base_model(x).logits[1])
+
+
+# bad input: clear errors, nothing changes
+def test_bad_inputs():
+    ga = make("llama")
+    state = ga.read(ids(1, 10))
+    with pytest.raises(ValueError, match="token ids must lie"):
+        ga.read(torch.tensor([[1, VOCAB + 5]]), state)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        ga(torch.tensor([[-1, 2]]), state=state)
+    with pytest.raises(TypeError):
+        ga.read(3.5, state)
+    with pytest.raises(TypeError):
+        ga(torch.rand(1, 4), state=state)
+    with pytest.raises(ValueError, match="batch size"):
+        ga(ids(2, 5), state=state)
+    with pytest.raises(ValueError, match="batch size"):
+        ga.read(ids(3, 5), state)
+    with pytest.raises(ValueError):
+        GeneratorConfig(normalization="l2")
+    with pytest.raises(ValueError, match="match no module"):
+        GenerativeAdapter.from_base(tiny_model("llama"), GeneratorConfig(target_modules=["nope"]))
+    with pytest.raises(TypeError, match="only nn.Linear"):
+        GenerativeAdapter.from_base(
+            tiny_model("llama"), GeneratorConfig(target_modules=["input_layernorm"])
+        )
+    empty = ga.read(torch.zeros(1, 0, dtype=torch.long), state)
+    assert empty.equal(state)
+
+
+def test_text_reading_and_empty_text(smollm2_tokenizer):
+    model = tiny_model("llama", vocab=len(smollm2_tokenizer))
+    ga = GenerativeAdapter.from_base(
+        model, GeneratorConfig(r=4, r_in=4, chunk_len=8), tokenizer=smollm2_tokenizer
+    )
+    randomize_generator(ga)
+    state = ga.read(
+        ["The cat sat on the mat.", "A much longer second document about the river and the town."]
+    )
+    n_tokens = [len(smollm2_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in
+                ["The cat sat on the mat.", "A much longer second document about the river and the town."]]  # fmt: skip
+    assert state.n.tolist() == n_tokens
+    one = state.select(0)
+    assert ga.read("", one).equal(one)
+    text = ga.generate("Hello", state=one, max_new_tokens=3)
+    assert isinstance(text, str)
+
+
+def test_config_json_round_trip_and_layers():
+    cfg = GeneratorConfig(
+        r=8, r_in=16, layers="-2:", target_modules=["o_proj"], normalization="svd", svd_top_k=4
+    )
+    assert GeneratorConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.resolve_layers(30) == [28, 29]
+    assert GeneratorConfig(layers="upper_half").resolve_layers(30) == list(range(15, 30))
+    assert GeneratorConfig(layers=[0, -1]).resolve_layers(4) == [0, 3]
+    with pytest.raises(ValueError, match="unknown GeneratorConfig fields"):
+        GeneratorConfig.from_dict({"rank": 3})
+    ga = GenerativeAdapter.from_base(tiny_model("gpt2"), GeneratorConfig(r=2, r_in=2, layers="1:"))
+    assert [t.layer for t in ga.generator.targets] == [1, 1, 2, 2]
