@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "genadapter.demo",
         "read a document stream with the default model and answer questions",
     ),
+    "eval": ("genadapter.eval.cli", "evaluate adaptation methods on an episode file"),
 }
 
 
