@@ -1,0 +1,131 @@
+"""The harness end to end on tiny models: bad episodes skipped, "does not fit", report, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from genadapter.cli import main as genadapter_main
+from genadapter.eval.harness import ALL_METHODS, EvalConfig, run_eval
+from genadapter.eval.report import assign_groups, summarize, write_report
+
+GOOD = [
+    {"id": "short", "context": ["Alice lives in Paris."],
+     "qas": [{"question": "Where does Alice live?", "answers": ["Paris"]}]},
+    {"id": "long", "context": ["Bob sells bread in Rome. " * 30],
+     "qas": [{"question": "What does Bob sell?", "answers": ["bread"]},
+             {"question": "Where is Bob?", "answers": ["Rome", "in Rome"]}]},
+]  # fmt: skip
+BAD = [
+    {"id": "no-qas", "context": ["x"]},
+    {"id": "empty-context", "context": [" "], "qas": [{"question": "q", "answers": ["a"]}]},
+    {"id": "no-answers", "context": ["x"], "qas": [{"question": "q", "answers": []}]},
+]
+DEMO = {
+    "id": "d1",
+    "demonstrations": [{"input": "Paris is a city.", "output": "place"},
+                       {"input": "Alice is a doctor.", "output": "person"}],
+    "queries": [{"input": "Rome is old.", "output": "place", "options": ["place", "person"]},
+                {"input": "Bob bakes.", "output": "person", "options": ["place", "person"]}],
+}  # fmt: skip
+
+
+def tiny_llama(max_positions: int = 128) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_positions)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    return write_jsonl(tmp_path / "qa.jsonl", GOOD + BAD, ["{not json"])
+
+
+def test_run_eval_all_methods_qa(qa_file, tmp_path, smollm2_tokenizer):
+    config = EvalConfig(task="qa", data=[qa_file], out=str(tmp_path / "out"), ttt_steps=2,
+                        window=16, max_new_tokens=4)  # fmt: skip
+    results = run_eval(config, tiny_llama(), smollm2_tokenizer, progress=False)
+    assert len(results["problems"]) == 4  # three bad episodes + one broken line, all reported
+    recs = {(r["method"], r["episode"]): r for r in results["records"]}
+    assert set(recs) == {(m, e) for m in ALL_METHODS for e in ("short", "long")}
+    # the long context exceeds the 128-token window only when it is put in the prompt
+    assert recs["prompt", "long"]["status"] == "does not fit"
+    assert all(r["status"] == "ok" for k, r in recs.items() if k != ("prompt", "long"))
+    for r in results["records"]:
+        if r["status"] == "ok":
+            assert 0 <= r["em"] <= r["f1"] + 1e-9 <= 1 + 1e-9 and r["nll"] > 0
+            assert r["answer_seconds"] > 0 and r["peak_rss_bytes"] > 0
+    assert recs["prompt", "short"]["kv_cache_bytes"] > recs["base", "short"]["kv_cache_bytes"]
+    assert recs["genadapter", "long"]["kv_cache_bytes"] == recs["base", "long"]["kv_cache_bytes"]
+
+    paths = write_report(results, config.out)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["summary"]["overall"]["prompt"]["does_not_fit"] == 1
+    assert saved["config"]["ttt_steps"] == 2
+    md = paths["markdown"].read_text()
+    assert all(f"| {m} |" in md for m in ALL_METHODS) and "does not fit" in md
+    for key in ("score_plot", "cost_plot"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_eval_demo(tmp_path, smollm2_tokenizer):
+    data = write_jsonl(tmp_path / "demo.jsonl", [DEMO])
+    config = EvalConfig(task="demo", data=[data], methods=["base", "prompt", "ttt-bitfit"],
+                        ttt_steps=1)  # fmt: skip
+    results = run_eval(config, tiny_llama(), smollm2_tokenizer, progress=False)
+    assert not results["problems"]
+    for r in results["records"]:
+        assert r["status"] == "ok" and r["accuracy"] in (0.0, 0.5, 1.0)
+        assert len(r["items"]) == 2 and len(r["items"][0]["scores"]) == 2
+    summary = summarize(results)
+    assert set(summary["overall"]) == {"base", "prompt", "ttt-bitfit"}
+
+
+def test_groups_by_file_or_length_bins():
+    recs = [{"source": "a.jsonl", "context_tokens": n} for n in (10, 20, 30, 40, 50, 60)]
+    assign_groups(recs, n_bins=3)
+    assert [r["group"] for r in recs] == ["10-29 tokens"] * 2 + ["30-49 tokens"] * 2 + [
+        "50-60 tokens"
+    ] * 2
+    recs = [
+        {"source": "x/ctx256.jsonl", "context_tokens": 1},
+        {"source": "x/ctx1k.jsonl", "context_tokens": 2},
+    ]
+    assign_groups(recs)
+    assert [r["group"] for r in recs] == ["ctx256", "ctx1k"]
+
+
+def test_config_rejects_unknown_methods_and_keys():
+    with pytest.raises(ValueError, match="unknown methods"):
+        EvalConfig(data=["x"], methods="base,magic")
+    with pytest.raises(ValueError, match="unknown eval config keys"):
+        EvalConfig.from_dict({"data": ["x"], "stepz": 3})
+
+
+def test_cli_with_yaml_config(qa_file, tmp_path, smollm2_tokenizer, capsys):
+    model_dir = tmp_path / "tiny"
+    tiny_llama(max_positions=512).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"task: qa\ndata: [{qa_file}]\nmodel: {model_dir}\nmethods: [base, prompt]\n"
+                   f"max_new_tokens: 3\nout: {tmp_path / 'ignored'}\n")  # fmt: skip
+    out = tmp_path / "cli-out"
+    code = genadapter_main(["eval", "--config", str(cfg), "--out", str(out), "--no-progress",
+                            "--methods", "base,prompt,prompt-window", "--window", "8"])  # fmt: skip
+    assert code == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["methods"] == ["base", "prompt", "prompt-window"]  # flag beats YAML
+    assert saved["config"]["window"] == 8 and saved["config"]["max_new_tokens"] == 3
+    assert len(saved["records"]) == 6 and not (tmp_path / "ignored").exists()
+    assert "| prompt-window |" in capsys.readouterr().out
