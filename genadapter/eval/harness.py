@@ -178,10 +178,13 @@ def run_eval(
     recorded as "error" with its message, except a base model changed by test-time training,
     which stops the run (every later result would be wrong).
     """
+    model_name = config.model
     if model is None:
         from genadapter.assets import load_base_model
 
         model, tokenizer = load_base_model(config.model)
+    else:
+        model_name = getattr(model.config, "_name_or_path", "") or "(model passed in)"
     model.eval()
     torch.manual_seed(config.seed)
     pairs, problems = load_episodes(config)
@@ -212,7 +215,7 @@ def run_eval(
     return {
         "config": dataclasses.asdict(config),
         "git_commit": git_commit(),
-        "model": config.model,
+        "model": model_name,
         "generator": generator,
         "torch_threads": torch.get_num_threads(),
         "problems": problems,

@@ -92,35 +92,38 @@ def _fmt(value: Any, key: str) -> str:
 def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
     task = results["config"]["task"]
     cols = ["ok", "does_not_fit", "errors", "context_tokens", *SCORES[task], *COSTS]
-    names = {"does_not_fit": "does not fit", "context_tokens": "ctx tokens", "nll": "answer NLL",
-             "adapt_seconds": "adapt s", "answer_seconds": "answer s", "state_bytes": "state",
-             "kv_cache_bytes": "KV cache", "memory_bytes": "state+KV",
-             "peak_rss_bytes": "peak RSS"}  # fmt: skip
+    names = {"ok": "ok", "does_not_fit": "does not fit", "errors": "errors",
+             "context_tokens": "ctx tokens", "nll": "answer NLL", "adapt_seconds": "adapt s",
+             "answer_seconds": "answer s", "state_bytes": "state", "kv_cache_bytes": "KV cache",
+             "memory_bytes": "state+KV", "peak_rss_bytes": "peak RSS"}  # fmt: skip
 
-    def header(first: str) -> str:
+    def table(first: str, rows: list[tuple[str, dict]]) -> list[str]:
         titles = " | ".join(names.get(c, c.upper()) for c in cols)
-        return f"| {first} | {titles} |\n" + "|---" * (len(cols) + 1) + "|\n"
+        out = [f"| {first} | {titles} |", "|---" * (len(cols) + 1) + "|"]
+        return out + [f"| {k} | " + " | ".join(_fmt(r[c], c) for c in cols) + " |" for k, r in rows]
 
     cfg = results["config"]
+    by_group = sorted(summary["by_group"], key=lambda r: (r["method"], r["context_tokens"] or 0))
     lines = [
-        f"# Evaluation: task `{task}`\n",
+        f"# Evaluation: task `{task}`",
+        "",
         f"- model: `{results['model']}`; generator: `{results['generator']}`",
         f"- data: {', '.join(f'`{d}`' for d in cfg['data'])}; git commit `{results['git_commit']}`",
         f"- TTT: {cfg['ttt_steps']} steps, lr {cfg['ttt_lr']}; prompt window {cfg['window']} tokens",
         "- EM/F1/accuracy in %; answer NLL in nats per gold-answer token (lower is better);"
-        " means over episodes that ran; peak RSS is the max over episodes.\n",
-        "## Overall\n",
-        header("method"),
+        " means over the episodes that ran; peak RSS is the max over episodes.",
+        "",
+        "## Overall",
+        "",
+        *table("method", list(summary["overall"].items())),
+        "",
+        "## By context length",
+        "",
+        *table("method / group", [(f"{r['method']} / {r['group']}", r) for r in by_group]),
     ]
-    for m, row in summary["overall"].items():
-        lines.append(f"| {m} | " + " | ".join(_fmt(row[c], c) for c in cols) + " |\n")
-    lines += ["\n## By context length\n", header("method / group")]
-    for row in sorted(summary["by_group"], key=lambda r: (r["method"], r["context_tokens"] or 0)):
-        cells = " | ".join(_fmt(row[c], c) for c in cols)
-        lines.append(f"| {row['method']} / {row['group']} | {cells} |\n")
     if results["problems"]:
-        lines += ["\n## Problems (skipped)\n"] + [f"- {p}\n" for p in results["problems"]]
-    return "\n".join(line.rstrip("\n") for line in lines) + "\n"
+        lines += ["", "## Problems (skipped)", "", *[f"- {p}" for p in results["problems"]]]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(summary: dict, keys: tuple[str, ...], path: Path, title: str) -> None:
