@@ -45,9 +45,10 @@ def article(word: str) -> str:
 
 
 # Syllable pools chosen to sound invented, so names rarely collide with real entities.
-_ONSETS = "b br d dr f g gr k kr l m n p qu r s t th v z zh y j h w st sk ph x".split()
-_NUCLEI = "a e i o u ae ai ei ou y ia eo".split()
-_CODAS = ["", "", "", "n", "r", "l", "s", "th", "x", "m", "nd", "rk", "v", "sh"]
+_ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z"]
+_FIRST_ONSETS = _ONSETS + ["br", "dr", "kr", "tr", "th", "sh", "st", "qu"]
+_NUCLEI = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "a", "o", "ai", "ei", "ou"]
+_CODAS = ["", "", "n", "r", "l", "s", "m", "th", "nd", "x"]
 
 
 class NameMaker:
@@ -57,10 +58,10 @@ class NameMaker:
         self.rng, self.split, self.used = rng, check_split(split), set()
 
     def word(self, n_syllables: int) -> str:
+        """Consonant-vowel syllables, a cluster only at the start, a coda only at the end."""
         r = self.rng
-        return "".join(
-            r.choice(_ONSETS) + r.choice(_NUCLEI) + r.choice(_CODAS) for _ in range(n_syllables)
-        ).capitalize()
+        onsets = [r.choice(_FIRST_ONSETS)] + [r.choice(_ONSETS) for _ in range(n_syllables - 1)]
+        return ("".join(o + r.choice(_NUCLEI) for o in onsets) + r.choice(_CODAS)).capitalize()
 
     def unique(self, make) -> str:
         """Draw `make()` until the result is unused and belongs to this split."""
