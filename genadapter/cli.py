@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "read a document stream with the default model and answer questions",
     ),
     "eval": ("genadapter.eval.cli", "evaluate adaptation methods on an episode file"),
+    "make-benchmarks": (
+        "genadapter.data.benchmarks.make",
+        "generate the built-in benchmarks into data/benchmarks/",
+    ),
 }
 
 
