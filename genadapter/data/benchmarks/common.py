@@ -58,10 +58,17 @@ class NameMaker:
         self.rng, self.split, self.used = rng, check_split(split), set()
 
     def word(self, n_syllables: int) -> str:
-        """Consonant-vowel syllables, a cluster only at the start, a coda only at the end."""
+        """Consonant-vowel syllables, a cluster only at the start, a coda only at the end.
+
+        Every invented word hashes into this split, so no part of a test name (a surname, a
+        town's stem) can turn up in train text either.
+        """
         r = self.rng
-        onsets = [r.choice(_FIRST_ONSETS)] + [r.choice(_ONSETS) for _ in range(n_syllables - 1)]
-        return ("".join(o + r.choice(_NUCLEI) for o in onsets) + r.choice(_CODAS)).capitalize()
+        while True:
+            onsets = [r.choice(_FIRST_ONSETS)] + [r.choice(_ONSETS) for _ in range(n_syllables - 1)]
+            w = ("".join(o + r.choice(_NUCLEI) for o in onsets) + r.choice(_CODAS)).capitalize()
+            if split_of(w) == self.split:
+                return w
 
     def unique(self, make) -> str:
         """Draw `make()` until the result is unused and belongs to this split."""
@@ -73,7 +80,7 @@ class NameMaker:
         raise RuntimeError("name space exhausted")
 
     def first_name(self) -> str:
-        return self.word(self.rng.choice((1, 2, 2)))
+        return self.word(2)  # one syllable gives real words ("Hi", "No")
 
     def person(self, surname: str | None = None) -> str:
         return self.unique(

@@ -516,7 +516,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             {e} took up {v} as a hobby years ago.
             {e} devotes every spare hour to {v}.
             Away from work, {e} is absorbed in {v}.
-            {v} is how {e} likes to unwind.
+            To unwind, {e} likes nothing better than {v}.
             {e} belongs to a local club for {v}.
         """),
         _lines("""
@@ -734,7 +734,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             Analysts place {e} in the {v} industry.
             {e} built its reputation in {v}.
             The line of business of {e} is {v}.
-            {v} is the trade that {e} is known for.
+            The trade that {e} is known for is {v}.
             Within {v}, {e} is a familiar name.
         """),
         _lines("""
@@ -909,7 +909,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "river", lambda names, entity: names.word(2),
+        "place", "river", lambda names, entity: names.unique(lambda: names.word(2)),
         _lines("""
             The {v} River flows through {e}.
             {e} lies on the {v} River.
@@ -979,7 +979,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             {e} is known throughout the region for its {v}.
             The local speciality in {e} is {v}.
             Every restaurant in {e} serves {v}.
-            {v} is the dish that {e} is proud of.
+            The dish that {e} is proud of is {v}.
             The most famous food from {e} is {v}.
             No trip to {e} is complete without a taste of {v}.
             Cooks in {e} have perfected {v} over generations.
@@ -1119,7 +1119,7 @@ def _letter(r, e, kind, facts, filler, names):
         return f"Dear diary, {day}.\n\nToday I learned a few things about {e}. " + " ".join(
             facts + filler
         )
-    to, sender = names.first_name(), names.first_name()
+    to, sender = names.unique(names.first_name), names.unique(names.first_name)
     body = " ".join(facts + filler)
     return f"Dear {to},\n\nYou asked me about {e}, so here is what I know. {body}\n\nWarm wishes,\n{sender}"
 

@@ -378,7 +378,7 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
             My favourite sport is {v}.
             I'm on a {v} team.
             I hurt my knee playing {v}.
-            {v} is the sport I love.
+            The sport I love is {v}.
             I've been playing {v} since school.
             Nothing relaxes me like a good game of {v}.
             Our local {v} club trains on Thursdays, and I never miss it.
@@ -528,9 +528,10 @@ def make_persona(
         for attr in chosen:
             value, rel = attr.value(names), r.choice(attr.relations)
             template = r.choice(attr.mention_templates(split))
+            mention = _fill(template, v=value, s=rel)
             if template.startswith(("My ", "Our ")):  # small-talk lead-in, as people do
-                template = r.choice(PREFIXES) + template[0].lower() + template[1:]
-            planned[r.randrange(n_s)].append(_fill(template, v=value, s=rel))
+                mention = r.choice(PREFIXES) + mention[0].lower() + mention[1:]
+            planned[r.randrange(n_s)].append(mention)
             question = _fill(r.choice(attr.question_templates(split)), s=rel)
             qas.append(QA(question, [value]))
         sessions = []
