@@ -78,9 +78,13 @@ class TenantStore:
         if state is not None:
             return state
         with self.lock(tenant):
-            if tenant not in self.states:
-                self.states[tenant] = self._load(tenant)
-            return self.states[tenant]
+            return self._current(tenant)
+
+    def _current(self, tenant: str) -> AdapterState:
+        """The state, loaded on first use; the caller holds the tenant's lock."""
+        if tenant not in self.states:
+            self.states[tenant] = self._load(tenant)
+        return self.states[tenant]
 
     def _load(self, tenant: str) -> AdapterState:
         path = self.path(tenant)
@@ -99,7 +103,7 @@ class TenantStore:
 
     def read(self, tenant: str, texts: list[str]) -> dict[str, Any]:
         with self.lock(tenant):
-            current = self.get(tenant)
+            current = self._current(tenant)
             start = source_progress(current.metadata, SOURCE)["position"]
             reader = StreamReader(self.ga, current, SOURCE, start=start, batch_size=8)
             records = [
@@ -163,18 +167,17 @@ def make_handler(store: TenantStore, max_body: int = MAX_BODY, quiet: bool = Tru
         def body(self) -> dict[str, Any]:
             length = self.headers.get("Content-Length")
             if length is None:
-                self.close_connection = True
                 raise HTTPError(411, "Content-Length required")
             try:
                 length = int(length)
             except ValueError as e:
-                self.close_connection = True
                 raise HTTPError(400, "bad Content-Length") from e
             if length > max_body:
-                self.close_connection = True  # the unread body must not be taken for a request
                 raise HTTPError(413, f"body of {length} bytes is over the limit of {max_body}")
+            data = self.rfile.read(length)
+            self.body_read = True
             try:
-                body = json.loads(self.rfile.read(length))
+                body = json.loads(data)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise HTTPError(400, f"body is not valid JSON: {e}") from e
             if not isinstance(body, dict):
@@ -183,6 +186,7 @@ def make_handler(store: TenantStore, max_body: int = MAX_BODY, quiet: bool = Tru
 
         def handle_request(self, method: str) -> None:
             url = urlparse(self.path)
+            self.body_read = False
             routes = {"/read": "POST", "/generate": "POST", "/state": "GET", "/health": "GET"}
             try:
                 if url.path not in routes:
@@ -191,8 +195,11 @@ def make_handler(store: TenantStore, max_body: int = MAX_BODY, quiet: bool = Tru
                     raise HTTPError(405, f"{url.path} takes {routes[url.path]}")
                 self.send_json(200, getattr(self, "route_" + url.path[1:])(url))
             except HTTPError as e:
+                if method == "POST" and not self.body_read:
+                    self.close_connection = True  # an unread body must not be taken for a request
                 self.send_json(e.status, {"error": str(e)})
             except Exception as e:  # a bug: say so, keep serving
+                self.close_connection = True
                 print(f"error: {method} {url.path}: {e!r}", file=sys.stderr)
                 self.send_json(500, {"error": f"internal error: {type(e).__name__}"})
 
