@@ -20,6 +20,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "genadapter.data.benchmarks.make",
         "generate the built-in benchmarks into data/benchmarks/",
     ),
+    "read": ("genadapter.stream.read", "stream documents (file, stdin, dataset) into a state file"),
+    "ask": ("genadapter.stream.ask", "answer a question with a state applied"),
+    "chat": ("genadapter.stream.chat", "multi-turn chat with a state applied"),
+    "merge-states": ("genadapter.stream.merge", "sum states of one generator into one"),
+    "export-lora": ("genadapter.stream.export", "write a state's adapter as a PEFT LoRA directory"),
+    "serve": ("genadapter.serve", "HTTP API on localhost: one state per tenant"),
 }
 
 
