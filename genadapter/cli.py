@@ -1,6 +1,7 @@
 """`genadapter` command line: one subcommand per module, imported only when used.
 
-Each command module exposes `add_arguments(parser)` and `run(args) -> int | None`.
+Each command module exposes `add_arguments(parser)` and `run(args) -> int | None`, or, when it
+parses its own arguments (YAML-driven commands), `main(argv) -> int | None`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "genadapter.demo",
         "read a document stream with the default model and answer questions",
     ),
+    "pretrain": ("genadapter.training.cli", "self-supervised pretraining of a generator (--config FILE.yaml)"),
     "eval": ("genadapter.eval.cli", "evaluate adaptation methods on an episode file"),
     "make-benchmarks": (
         "genadapter.data.benchmarks.make",
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        mod = importlib.import_module(module)
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(p)
     return parser
 
 
@@ -48,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             prog=f"genadapter {chosen}", description=COMMANDS[chosen][1]
         )
         module = importlib.import_module(COMMANDS[chosen][0])
-        module.add_arguments(parser)
         rest = list(argv)
         rest.remove(chosen)
+        if hasattr(module, "main"):
+            return int(module.main(rest) or 0)
+        module.add_arguments(parser)
         return int(module.run(parser.parse_args(rest)) or 0)
     build_parser().parse_args(argv)  # prints usage / errors for unknown commands
     return 2

@@ -1,0 +1,193 @@
+"""Chunked document batches for pretraining: (D documents, T chunks, C tokens) with masks.
+
+Training batches are an endless, seeded stream; each rank reads every world_size-th document.
+The datamodule's state (batches consumed) is saved in checkpoints, so a resumed run sees
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from genadapter.data.corpus import file_documents, hub_documents, is_validation, wiki_documents
+
+
+def cut_document(
+    ids: list[int], chunk_len: int, max_chunks: int, min_chunks: int
+) -> list[list[list[int]]]:
+    """A tokenised document as training documents of at most max_chunks chunks each."""
+    chunks = [ids[i : i + chunk_len] for i in range(0, len(ids), chunk_len)]
+    pieces = [chunks[i : i + max_chunks] for i in range(0, len(chunks), max_chunks)]
+    return [p for p in pieces if len(p) >= min_chunks]
+
+
+def collate(docs: list[list[list[int]]], chunk_len: int, pad_id: int = 0) -> dict[str, Tensor]:
+    T = max(len(d) for d in docs)
+    ids = torch.full((len(docs), T, chunk_len), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for d, doc in enumerate(docs):
+        for t, chunk in enumerate(doc):
+            ids[d, t, : len(chunk)] = torch.tensor(chunk)
+            mask[d, t, : len(chunk)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class ChunkedBatches(IterableDataset):
+    """Batches of chunked documents from `documents(epoch)`; endless when `repeat`."""
+
+    def __init__(
+        self, documents: Callable[[int], Iterable[str]], tokenizer, chunk_len: int, max_chunks: int,
+        min_chunks: int, batch_size: int, repeat: bool, rank: int = 0, world_size: int = 1, skip: int = 0,
+    ):  # fmt: skip
+        super().__init__()
+        self.documents, self.tokenizer = documents, tokenizer
+        self.chunk_len, self.max_chunks, self.min_chunks = chunk_len, max_chunks, min_chunks
+        self.batch_size, self.repeat = batch_size, repeat
+        self.rank, self.world_size, self.skip = rank, world_size, skip
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        produced, epoch, buffer = 0, 0, []
+        while True:
+            empty_epoch = True
+            for i, text in enumerate(self.documents(epoch)):
+                if i % self.world_size != self.rank:
+                    continue
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                for doc in cut_document(ids, self.chunk_len, self.max_chunks, self.min_chunks):
+                    buffer.append(doc)
+                    empty_epoch = False
+                    if len(buffer) == self.batch_size:
+                        if produced >= self.skip:  # resume: skip what was already trained on
+                            yield collate(buffer, self.chunk_len)
+                        produced += 1
+                        buffer = []
+            if not self.repeat:
+                if buffer:
+                    yield collate(buffer, self.chunk_len)
+                return
+            if empty_epoch:
+                raise ValueError("the corpus yields no document with enough chunks for training")
+            epoch += 1
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Documents from `source`: "wiki" (offline summaries), a .txt/.jsonl path, or "hf:NAME"."""
+
+    def __init__(
+        self,
+        source: str = "wiki",
+        field: str = "text",
+        hf_config: str | None = None,
+        join_topic: int = 8,
+        chunk_len: int = 32,
+        max_chunks: int = 8,
+        min_chunks: int = 2,
+        batch_size: int = 4,
+        val_documents: int = 32,
+        val_batch_size: int = 4,
+        val_percent: float = 2.0,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        tokenizer: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.source, self.field, self.hf_config = source, field, hf_config
+        self.join_topic, self.chunk_len, self.max_chunks, self.min_chunks = (
+            join_topic,
+            chunk_len,
+            max_chunks,
+            min_chunks,
+        )
+        self.batch_size, self.val_documents, self.val_batch_size = (
+            batch_size,
+            val_documents,
+            val_batch_size,
+        )
+        self.val_percent, self.shuffle_buffer, self.seed = val_percent, shuffle_buffer, seed
+        self.tokenizer_name = tokenizer
+        self._skip = 0
+        self._tokenizer = None
+        if source not in ("wiki",) and not source.startswith("hf:"):
+            from pathlib import Path
+
+            if not Path(source).is_file():
+                raise FileNotFoundError(
+                    f"corpus not found: {source!r} (use 'wiki', a .txt/.jsonl file or 'hf:NAME')"
+                )
+
+    # --- documents ------------------------------------------------------------------------------
+    def documents(self, split: str, epoch: int) -> Iterable[str]:
+        if self.source == "wiki":
+            docs = wiki_documents(split, self.val_percent, self.join_topic, seed=self.seed)
+        elif self.source.startswith("hf:"):
+            rank, world = self._rank_world() if split == "train" else (0, 1)
+            it = hub_documents(self.source[3:], "train", self.field, self.hf_config,
+                               self.shuffle_buffer, self.seed + epoch, rank, world)  # fmt: skip
+            return (d for d in it if is_validation(d, self.val_percent) == (split == "validation"))
+        else:
+            docs = [
+                d
+                for d in file_documents(self.source, self.field)
+                if is_validation(d, self.val_percent) == (split == "validation")
+            ]
+        if split == "train":
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(docs)
+        return docs
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from genadapter.assets import DEFAULT_MODEL, resolve_model
+
+            name = self.tokenizer_name
+            if name is None and getattr(self, "trainer", None) is not None:
+                name = getattr(self.trainer.lightning_module, "tokenizer_name", None)
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(name or DEFAULT_MODEL))
+        return self._tokenizer
+
+    # --- loaders --------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        hub = self.source.startswith("hf:")
+        ds = ChunkedBatches(
+            lambda epoch: self.documents("train", epoch), self.tokenizer, self.chunk_len, self.max_chunks,
+            self.min_chunks, self.batch_size, repeat=True, rank=0 if hub else rank,
+            world_size=1 if hub else world, skip=self._skip,
+        )  # fmt: skip
+        return DataLoader(ds, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        def docs(epoch: int) -> list[str]:
+            out = []
+            for d in self.documents("validation", 0):
+                out.append(d)
+                if len(out) == self.val_documents:
+                    break
+            return out
+
+        rank, world = self._rank_world()
+        ds = ChunkedBatches(docs, self.tokenizer, self.chunk_len, self.max_chunks, self.min_chunks,
+                            self.val_batch_size, repeat=False, rank=rank, world_size=world)  # fmt: skip
+        return DataLoader(ds, batch_size=None)
+
+    # --- exact resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.total.completed if trainer else 0
+        return {"batches_consumed": int(consumed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_consumed", 0))

@@ -1,0 +1,173 @@
+"""LightningModule for self-supervised pretraining: only `ga.generator` learns.
+
+Checkpoints hold the generator (and, through Lightning, the optimiser), never the frozen LM.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from genadapter.assets import DEFAULT_MODEL, load_base_model
+from genadapter.config import GeneratorConfig
+from genadapter.model import GenerativeAdapter
+from genadapter.training.objectives import pretrain_losses
+
+OBJECTIVES = ("completion", "reconstruction")
+
+
+class GeneratorPretraining(L.LightningModule):
+    def __init__(
+        self,
+        base_model: str = DEFAULT_MODEL,
+        generator: GeneratorConfig | None = None,
+        init_from: str | None = None,
+        completion_weight: float = 0.5,
+        targets_per_doc: int = 8,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 50,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        base_dtype: str = "float32",
+        max_prompt_len: int | None = None,
+        export_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= completion_weight <= 1.0:
+            raise ValueError(f"completion_weight must be in [0, 1], got {completion_weight}")
+        model, tokenizer = load_base_model(base_model, dtype=getattr(torch, base_dtype))
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if init_from is not None:
+            self.ga = GenerativeAdapter.from_pretrained(
+                init_from, base_model=model, tokenizer=tokenizer
+            )
+        else:
+            cfg = GeneratorConfig(**generator) if isinstance(generator, dict) else (generator or GeneratorConfig())
+            cfg.base_model = base_model
+            torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
+            self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
+        self.tokenizer_name = base_model
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    # only the generator is state: the frozen LM is rebuilt from its name
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.ga.generator_state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, **kw: Any):
+        own = self.ga.generator_state_dict()
+        if strict and state_dict.keys() != own.keys():
+            raise ValueError(
+                f"checkpoint generator keys differ: {sorted(state_dict.keys() ^ own.keys())[:5]}"
+            )
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                own[k].copy_(v)
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+    def _rng(self, offset: int = 0) -> torch.Generator:
+        # target sampling depends only on (seed, step, rank): exact on resume
+        return torch.Generator().manual_seed(
+            self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank + offset
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        h = self.hparams
+        out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
+                              h.completion_weight, self._rng())  # fmt: skip
+        tokens = batch["attention_mask"].sum()
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        for k in OBJECTIVES:
+            if f"{k}/loss_adapted" in out:
+                self.log(
+                    f"train/{k}_loss",
+                    out[f"{k}/loss_adapted"],
+                    batch_size=batch["input_ids"].shape[0],
+                )
+        self.log("train/context_tokens", tokens.float(), reduce_fx="sum")
+        return out["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        h = self.hparams
+        out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
+                              0.5,  # validation always measures both objectives
+                              torch.Generator().manual_seed(h.seed + batch_idx), with_base=True, with_prompt=True,
+                              max_prompt_len=h.max_prompt_len or self._window())  # fmt: skip
+        for key, value in out.items():
+            if key == "loss" or key.endswith("/tokens") or key.endswith("/prompt_rows"):
+                continue
+            weight = out.get(key.split("/")[0] + "/tokens", torch.tensor(1.0))
+            s = self._val_sums.setdefault(
+                key, torch.zeros(2, dtype=torch.float64, device=self.device)
+            )
+            s += torch.stack([value.detach().double() * weight.double(), weight.double()]).to(
+                s.device
+            )
+
+    def _window(self) -> int | None:
+        return getattr(self.ga.base_model.config, "max_position_embeddings", None)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {}
+        for key, s in sorted(self._val_sums.items()):
+            s = (
+                self.trainer.strategy.reduce(s, reduce_op="sum")
+                if self.trainer.world_size > 1
+                else s
+            )
+            metrics[f"val/{key}"] = (s[0] / s[1].clamp(min=1)).item()
+        for k in OBJECTIVES:
+            base, adapted, prompt = (
+                metrics.get(f"val/{k}/loss_{x}") for x in ("base", "adapted", "prompt")
+            )
+            if None not in (base, adapted, prompt) and base - prompt > 1e-6:
+                metrics[f"val/{k}/gap_closed"] = (base - adapted) / (base - prompt)
+        for key, value in metrics.items():
+            self.log(
+                key,
+                value,
+                prog_bar=key.endswith("gap_closed"),
+                sync_dist=False,
+                rank_zero_only=True,
+            )
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.AdamW(
+            self.ga.generator.parameters(),
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            betas=tuple(h.betas),
+        )
+        decay = h.decay_steps or (
+            self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        )
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
+            if step < h.warmup_steps:
+                return (step + 1) / h.warmup_steps
+            if not decay or decay <= h.warmup_steps:
+                return 1.0
+            progress = min(1.0, (step - h.warmup_steps) / (decay - h.warmup_steps))
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.ga.save_pretrained(Path(self.hparams.export_dir))
