@@ -50,6 +50,8 @@ def test_batched_reading_equals_one_by_one(ga, decay):
         state = reader.run(records(DOCS))
         assert_close(state, reference)
         assert source_progress(state.metadata, "k")["documents"] == len(DOCS)
+        # no autograd graph kept across documents (it would grow with the stream)
+        assert not state.n.requires_grad and not any(s.requires_grad for s in state.S.values())
 
 
 def test_stop_and_resume_is_exact(ga):

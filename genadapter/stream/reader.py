@@ -131,6 +131,7 @@ class StreamReader:
         self._pending_skips: dict[str, int] = {}
 
     # --- the loop ----------------------------------------------------------------------------
+    @torch.no_grad()  # ga.read keeps an autograd graph when grad is on: it would grow per document
     def run(
         self,
         records: Iterable[Record],
