@@ -17,9 +17,10 @@ torch.set_num_threads(1)
 VOCAB = 128
 
 
-def tiny_config(arch: str, vocab: int = VOCAB):
+def tiny_config(arch: str, vocab: int = VOCAB, init_range: float = 0.02):
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=init_range)  # fmt: skip
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
@@ -31,15 +32,23 @@ def tiny_config(arch: str, vocab: int = VOCAB):
             n_layer=3,
             n_head=4,
             n_positions=512,
+            initializer_range=init_range,
             bos_token_id=0,
             eos_token_id=1,
         )
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", vocab: int = VOCAB, seed: int = 0, dtype=torch.float32):
+def tiny_model(
+    arch: str = "llama",
+    vocab: int = VOCAB,
+    seed: int = 0,
+    dtype=torch.float32,
+    init_range: float = 0.02,
+):
+    """A random model; a larger init_range gives logits with range, so losses can move."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, init_range), dtype=dtype)
     return model.eval()
 
 

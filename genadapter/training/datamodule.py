@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -77,11 +78,16 @@ class ChunkedBatches(IterableDataset):
 
 
 class PretrainDataModule(L.LightningDataModule):
-    """Documents from `source`: "wiki" (offline summaries), a .txt/.jsonl path, or "hf:NAME"."""
+    """Documents from `source`: "wiki" (offline summaries), a .txt/.jsonl path, or "hf:NAME".
+
+    Validation documents are a stable hash-split of the source, disjoint from training, unless
+    `val_source` (a .txt/.jsonl file) names a separate validation corpus.
+    """
 
     def __init__(
         self,
         source: str = "wiki",
+        val_source: str | None = None,
         field: str = "text",
         hf_config: str | None = None,
         join_topic: int = 8,
@@ -98,7 +104,12 @@ class PretrainDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.source, self.field, self.hf_config = source, field, hf_config
+        self.source, self.val_source, self.field, self.hf_config = (
+            source,
+            val_source,
+            field,
+            hf_config,
+        )
         self.join_topic, self.chunk_len, self.max_chunks, self.min_chunks = (
             join_topic,
             chunk_len,
@@ -114,16 +125,21 @@ class PretrainDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self._skip = 0
         self._tokenizer = None
-        if source not in ("wiki",) and not source.startswith("hf:"):
-            from pathlib import Path
-
-            if not Path(source).is_file():
+        for path in (source, val_source):
+            if (
+                path is not None
+                and path != "wiki"
+                and not path.startswith("hf:")
+                and not Path(path).is_file()
+            ):
                 raise FileNotFoundError(
-                    f"corpus not found: {source!r} (use 'wiki', a .txt/.jsonl file or 'hf:NAME')"
+                    f"corpus not found: {path!r} (use 'wiki', a .txt/.jsonl file or 'hf:NAME')"
                 )
 
     # --- documents ------------------------------------------------------------------------------
     def documents(self, split: str, epoch: int) -> Iterable[str]:
+        if split == "validation" and self.val_source is not None:
+            return list(file_documents(self.val_source, self.field))
         if self.source == "wiki":
             docs = wiki_documents(split, self.val_percent, self.join_topic, seed=self.seed)
         elif self.source.startswith("hf:"):
@@ -186,7 +202,8 @@ class PretrainDataModule(L.LightningDataModule):
     # --- exact resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
         trainer = self.trainer
-        consumed = trainer.fit_loop.epoch_loop.batch_progress.total.completed if trainer else 0
+        # "processed" already counts the batch whose end triggers the checkpoint ("completed" does not)
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.total.processed if trainer else 0
         return {"batches_consumed": int(consumed)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

@@ -5,7 +5,10 @@ Checkpoints hold the generator (and, through Lightning, the optimiser), never th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,11 @@ from genadapter.model import GenerativeAdapter
 from genadapter.training.objectives import pretrain_losses
 
 OBJECTIVES = ("completion", "reconstruction")
+
+
+def gap_closed(base: float, adapted: float, prompt: float) -> float | None:
+    """Share of the prompting gain the state recovers; undefined when prompting does not help."""
+    return (base - adapted) / (base - prompt) if base - prompt > 1e-6 else None
 
 
 class GeneratorPretraining(L.LightningModule):
@@ -54,12 +62,17 @@ class GeneratorPretraining(L.LightningModule):
                 init_from, base_model=model, tokenizer=tokenizer
             )
         else:
-            cfg = GeneratorConfig(**generator) if isinstance(generator, dict) else (generator or GeneratorConfig())
+            cfg = (
+                GeneratorConfig(**generator)
+                if isinstance(generator, dict)
+                else (generator or GeneratorConfig())
+            )
             cfg.base_model = base_model
             torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
         self.tokenizer_name = base_model
         self._val_sums: dict[str, torch.Tensor] = {}
+        self._batch_hashes: list[str] = []  # what this rank trained on, for the audit file
 
     # only the generator is state: the frozen LM is rebuilt from its name
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -87,6 +100,9 @@ class GeneratorPretraining(L.LightningModule):
         out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
                               h.completion_weight, self._rng())  # fmt: skip
         tokens = batch["attention_mask"].sum()
+        self._batch_hashes.append(
+            hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
+        )
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0])
         for k in OBJECTIVES:
             if f"{k}/loss_adapted" in out:
@@ -134,8 +150,11 @@ class GeneratorPretraining(L.LightningModule):
             base, adapted, prompt = (
                 metrics.get(f"val/{k}/loss_{x}") for x in ("base", "adapted", "prompt")
             )
-            if None not in (base, adapted, prompt) and base - prompt > 1e-6:
-                metrics[f"val/{k}/gap_closed"] = (base - adapted) / (base - prompt)
+            if (
+                None not in (base, adapted, prompt)
+                and gap_closed(base, adapted, prompt) is not None
+            ):
+                metrics[f"val/{k}/gap_closed"] = gap_closed(base, adapted, prompt)
         for key, value in metrics.items():
             self.log(
                 key,
@@ -171,3 +190,9 @@ class GeneratorPretraining(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             self.ga.save_pretrained(Path(self.hparams.export_dir))
+        audit = os.environ.get("GENADAPTER_AUDIT_DIR")
+        if audit:  # per-rank record of weights and data, to check distributed runs
+            Path(audit).mkdir(parents=True, exist_ok=True)
+            record = {"rank": self.global_rank, "generator": self.ga.generator.fingerprint(),
+                      "global_step": self.global_step, "batches": self._batch_hashes}  # fmt: skip
+            (Path(audit) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
