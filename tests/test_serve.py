@@ -3,6 +3,7 @@ and concurrent requests that never observe a half-updated state."""
 
 from __future__ import annotations
 
+import errno
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -156,3 +157,20 @@ def test_concurrent_requests_never_see_half_updated_state(ga, tmp_path):
     one = read_all(ga, [doc])
     for name, s in on_disk.S.items():
         torch.testing.assert_close(s, one.S[name] * total, rtol=1e-4, atol=1e-4)
+
+
+def test_full_disk_is_507_and_state_unchanged(ga, tmp_path, monkeypatch):
+    import genadapter.state
+
+    with serving(ga, tmp_path) as client:
+        assert client.post("/read", json={"tenant": "d", "text": DOCS[0]}).status_code == 200
+        before = (tmp_path / "d.safetensors").read_bytes()
+
+        def no_space(*a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(genadapter.state, "save_file", no_space)
+        r = client.post("/read", json={"tenant": "d", "text": DOCS[1]})
+        assert r.status_code == 507 and "disk full" in r.json()["error"]
+        assert client.get("/state", params={"tenant": "d"}).json()["documents"] == 1
+    assert (tmp_path / "d.safetensors").read_bytes() == before

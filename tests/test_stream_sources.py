@@ -104,3 +104,33 @@ def test_metadata_bookkeeping_and_merge():
     assert source_progress(merged, "other")["documents"] == 2
     assert source_progress(merged, "never")["position"] == 0
     assert source_progress(a, "k")["documents"] == 4  # inputs untouched
+
+
+def test_dataset_source_skips_through_the_library(monkeypatch):
+    """The streaming-datasets path (no network here): skip is delegated, indices continue."""
+    import datasets
+
+    class FakeStream:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def skip(self, n):
+            return FakeStream(self.rows[n:])
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    rows = [{"text": "a"}, {"text": ""}, {"body": "x"}, {"text": "d"}]
+    calls = []
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return FakeStream(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    source = open_source(dataset="org/corpus", split="train", skip=1)
+    assert source.key == "dataset:org/corpus:train"
+    assert [(r.index, r.text, r.reason) for r in source.records] == [
+        (1, None, "empty"), (2, None, "missing_field"), (3, "d", None)
+    ]  # fmt: skip
+    assert calls == [("org/corpus", None, "train", True)]

@@ -41,7 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset", metavar="NAME", help="a `datasets` name, read streaming")
     parser.add_argument("--dataset-config", default=None, help="dataset configuration name")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--format", choices=FORMATS, default="text", dest="fmt")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        dest="fmt",
+        help="text: documents separated by blank lines (default); lines: one per line; "
+        "jsonl: one JSON object per line, text in --field",
+    )
     parser.add_argument("--field", default="text", help="text field of jsonl/dataset records")
     parser.add_argument("--chunk-len", type=int, default=None, help="tokens per chunk read")
     parser.add_argument("--decay", type=float, default=None, help="gamma in (0, 1]")
