@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "genadapter.demo",
         "read a document stream with the default model and answer questions",
     ),
-    "pretrain": ("genadapter.training.cli", "self-supervised pretraining of a generator (--config FILE.yaml)"),
+    "pretrain": (
+        "genadapter.training.cli",
+        "self-supervised pretraining of a generator (--config FILE.yaml)",
+    ),
     "eval": ("genadapter.eval.cli", "evaluate adaptation methods on an episode file"),
     "make-benchmarks": (
         "genadapter.data.benchmarks.make",
