@@ -194,13 +194,13 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_dir):
 
 
 def test_ranks_read_disjoint_documents(smollm2_tokenizer):
-    docs = [f"document number {i} " * 5 for i in range(12)]
+    docs = [f"document {i}: " + " ".join(CORPUS[i % 6].split()[i % 5 :]) for i in range(12)]
     seen = []
     for rank in (0, 1):
         ds = ChunkedBatches(
             lambda e: docs, smollm2_tokenizer, 4, 3, 1, 1, repeat=False, rank=rank, world_size=2
         )
-        seen.append({tuple(b["input_ids"][0, 0].tolist()) for b in ds})
+        seen.append({tuple(b["input_ids"].flatten().tolist()) for b in ds})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
