@@ -34,6 +34,15 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
+def strict_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """Build a dataclass from a dict, naming unknown keys (typos) instead of ignoring them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass
 class GeneratorConfig:
     """Shape and behaviour of a generative adapter (see DESIGN.md for the math).
@@ -127,11 +136,7 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeneratorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GeneratorConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "GeneratorConfig fields")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

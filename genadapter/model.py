@@ -315,12 +315,11 @@ class GenerativeAdapter(nn.Module):
     ):
         """HF-style causal-LM output of the base LM adapted by `state` (one state row per input row)."""
         input_ids = self._as_batch(input_ids)
-        if state is None:
-            return self.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
-            )
-        self.check_state(state, input_ids.shape[0])
-        with self.adapted(state):
+        context = contextlib.nullcontext()
+        if state is not None:
+            self.check_state(state, input_ids.shape[0])
+            context = self.adapted(state)
+        with context:
             return self.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
             )

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genadapter.assets import DEFAULT_MODEL
+from genadapter.config import strict_from_dict
 from genadapter.data.episodes import read_episodes
 from genadapter.eval.methods import BaseModelChanged, DoesNotFit, Method, make_method
 from genadapter.eval.metrics import option_accuracy, peak_rss_bytes, reset_peak_rss, squad_scores
@@ -69,11 +70,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown eval config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "eval config keys")
 
     def method_kwargs(self, name: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
