@@ -104,25 +104,6 @@ class PretrainDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.source, self.val_source, self.field, self.hf_config = (
-            source,
-            val_source,
-            field,
-            hf_config,
-        )
-        self.join_topic, self.chunk_len, self.max_chunks, self.min_chunks = (
-            join_topic,
-            chunk_len,
-            max_chunks,
-            min_chunks,
-        )
-        self.batch_size, self.val_documents, self.val_batch_size = (
-            batch_size,
-            val_documents,
-            val_batch_size,
-        )
-        self.val_percent, self.shuffle_buffer, self.seed = val_percent, shuffle_buffer, seed
-        self.tokenizer_name = tokenizer
         self._skip = 0
         self._tokenizer = None
         for path in (source, val_source):
@@ -138,23 +119,29 @@ class PretrainDataModule(L.LightningDataModule):
 
     # --- documents ------------------------------------------------------------------------------
     def documents(self, split: str, epoch: int) -> Iterable[str]:
-        if split == "validation" and self.val_source is not None:
-            return list(file_documents(self.val_source, self.field))
-        if self.source == "wiki":
-            docs = wiki_documents(split, self.val_percent, self.join_topic, seed=self.seed)
-        elif self.source.startswith("hf:"):
+        if split == "validation" and self.hparams.val_source is not None:
+            return list(file_documents(self.hparams.val_source, self.hparams.field))
+        if self.hparams.source == "wiki":
+            docs = wiki_documents(
+                split, self.hparams.val_percent, self.hparams.join_topic, seed=self.hparams.seed
+            )
+        elif self.hparams.source.startswith("hf:"):
             rank, world = self._rank_world() if split == "train" else (0, 1)
-            it = hub_documents(self.source[3:], "train", self.field, self.hf_config,
-                               self.shuffle_buffer, self.seed + epoch, rank, world)  # fmt: skip
-            return (d for d in it if is_validation(d, self.val_percent) == (split == "validation"))
+            it = hub_documents(self.hparams.source[3:], "train", self.hparams.field, self.hparams.hf_config,
+                               self.hparams.shuffle_buffer, self.hparams.seed + epoch, rank, world)  # fmt: skip
+            return (
+                d
+                for d in it
+                if is_validation(d, self.hparams.val_percent) == (split == "validation")
+            )
         else:
             docs = [
                 d
-                for d in file_documents(self.source, self.field)
-                if is_validation(d, self.val_percent) == (split == "validation")
+                for d in file_documents(self.hparams.source, self.hparams.field)
+                if is_validation(d, self.hparams.val_percent) == (split == "validation")
             ]
         if split == "train":
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(docs)
+            random.Random(self.hparams.seed * 1_000_003 + epoch).shuffle(docs)
         return docs
 
     def _rank_world(self) -> tuple[int, int]:
@@ -168,7 +155,7 @@ class PretrainDataModule(L.LightningDataModule):
 
             from genadapter.assets import DEFAULT_MODEL, resolve_model
 
-            name = self.tokenizer_name
+            name = self.hparams.tokenizer
             if name is None and getattr(self, "trainer", None) is not None:
                 name = getattr(self.trainer.lightning_module, "tokenizer_name", None)
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(name or DEFAULT_MODEL))
@@ -177,10 +164,10 @@ class PretrainDataModule(L.LightningDataModule):
     # --- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        hub = self.source.startswith("hf:")
+        hub = self.hparams.source.startswith("hf:")
         ds = ChunkedBatches(
-            lambda epoch: self.documents("train", epoch), self.tokenizer, self.chunk_len, self.max_chunks,
-            self.min_chunks, self.batch_size, repeat=True, rank=0 if hub else rank,
+            lambda epoch: self.documents("train", epoch), self.tokenizer, self.hparams.chunk_len, self.hparams.max_chunks,
+            self.hparams.min_chunks, self.hparams.batch_size, repeat=True, rank=0 if hub else rank,
             world_size=1 if hub else world, skip=self._skip,
         )  # fmt: skip
         return DataLoader(ds, batch_size=None)
@@ -190,13 +177,13 @@ class PretrainDataModule(L.LightningDataModule):
             out = []
             for d in self.documents("validation", 0):
                 out.append(d)
-                if len(out) == self.val_documents:
+                if len(out) == self.hparams.val_documents:
                     break
             return out
 
         rank, world = self._rank_world()
-        ds = ChunkedBatches(docs, self.tokenizer, self.chunk_len, self.max_chunks, self.min_chunks,
-                            self.val_batch_size, repeat=False, rank=rank, world_size=world)  # fmt: skip
+        ds = ChunkedBatches(docs, self.tokenizer, self.hparams.chunk_len, self.hparams.max_chunks, self.hparams.min_chunks,
+                            self.hparams.val_batch_size, repeat=False, rank=rank, world_size=world)  # fmt: skip
         return DataLoader(ds, batch_size=None)
 
     # --- exact resume -----------------------------------------------------------------------------

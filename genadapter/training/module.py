@@ -89,10 +89,10 @@ class GeneratorPretraining(L.LightningModule):
                 own[k].copy_(v)
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
-    def _rng(self, offset: int = 0) -> torch.Generator:
+    def _rng(self) -> torch.Generator:
         # target sampling depends only on (seed, step, rank): exact on resume
         return torch.Generator().manual_seed(
-            self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank + offset
+            self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
