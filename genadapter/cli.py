@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "genadapter.training.cli",
         "self-supervised pretraining of a generator (--config FILE.yaml)",
     ),
+    "finetune": (
+        "genadapter.training.finetune",
+        "instruction tuning of a generator on QA episodes (--config FILE.yaml)",
+    ),
     "eval": ("genadapter.eval.cli", "evaluate adaptation methods on an episode file"),
     "make-benchmarks": (
         "genadapter.data.benchmarks.make",

@@ -77,3 +77,12 @@ def randomize_generator(ga, seed: int = 0, std: float = 0.5) -> None:
     with torch.no_grad():
         for p in ga.generator.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std / p.shape[-1] ** 0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer):
+    """A saved tiny Llama with SmolLM2's tokenizer (and chat template), loadable by path."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", vocab=len(smollm2_tokenizer), init_range=0.5).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path

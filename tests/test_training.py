@@ -30,14 +30,6 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama", vocab=len(smollm2_tokenizer), init_range=0.5).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
     # each document repeated 6 times: short, memorisable; validation reuses training text by design

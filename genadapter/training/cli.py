@@ -76,14 +76,19 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: str) -> str | None:
     return str(found[-1]) if found else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "genadapter pretrain",
+         model_class: type = GeneratorPretraining, data_class: type = PretrainDataModule) -> int:  # fmt: skip
+    parser = build_parser(prog, model_class, data_class)
     try:
         cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except Exception as e:  # jsonargparse explains malformed configs; show it without a traceback
-        print(f"genadapter pretrain: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    model, data, trainer = build(cfg)
+    try:
+        model, data, trainer = build(cfg, model_class, data_class)
+    except (FileNotFoundError, ValueError) as e:  # missing corpus / episode file, bad setting
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     parser.save(cfg, Path(cfg.run_dir) / "config.yaml", overwrite=True, skip_check=True)
     trainer.fit(model, datamodule=data, ckpt_path=resolve_ckpt(cfg.ckpt_path, cfg.run_dir))

@@ -126,13 +126,12 @@ class GeneratorPretraining(L.LightningModule):
         for key, value in out.items():
             if key == "loss" or key.endswith("/tokens") or key.endswith("/prompt_rows"):
                 continue
-            weight = out.get(key.split("/")[0] + "/tokens", torch.tensor(1.0))
-            s = self._val_sums.setdefault(
-                key, torch.zeros(2, dtype=torch.float64, device=self.device)
-            )
-            s += torch.stack([value.detach().double() * weight.double(), weight.double()]).to(
-                s.device
-            )
+            self._accumulate(key, value, out.get(key.split("/")[0] + "/tokens", torch.tensor(1.0)))
+
+    def _accumulate(self, key: str, mean: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add a weighted mean to the validation sums (reduced over ranks at epoch end)."""
+        s = self._val_sums.setdefault(key, torch.zeros(2, dtype=torch.float64, device=self.device))
+        s += torch.stack([mean.detach().double() * weight.double(), weight.double()]).to(s.device)
 
     def _window(self) -> int | None:
         return getattr(self.ga.base_model.config, "max_position_embeddings", None)
@@ -146,7 +145,7 @@ class GeneratorPretraining(L.LightningModule):
                 else s
             )
             metrics[f"val/{key}"] = (s[0] / s[1].clamp(min=1)).item()
-        for k in OBJECTIVES:
+        for k in sorted({key[4:].rsplit("/", 1)[0] for key in metrics}):  # each objective / task
             base, adapted, prompt = (
                 metrics.get(f"val/{k}/loss_{x}") for x in ("base", "adapted", "prompt")
             )

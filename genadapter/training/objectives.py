@@ -161,3 +161,45 @@ def prompt_losses(
             out[f"{key}/loss_prompt"] = loss_sum[sel].sum() / n_tok[sel].sum().clamp(min=1)
             out[f"{key}/prompt_rows"] = sel.sum().float()
     return out
+
+
+# ----------------------------------------------------------------------------- instruction tuning
+
+
+def episode_state(
+    ga: GenerativeAdapter, stats: dict[str, Tensor], counts: Tensor, row_episode: Tensor
+) -> AdapterState:
+    """Each answer row's state: the sum over every chunk of its episode's context."""
+    rows = row_episode.to(counts.device)
+    S = {name: s.sum(1)[rows] for name, s in stats.items()}
+    return AdapterState(S, counts.sum(1)[rows], ga.generator.fingerprint(), ga.config.to_dict())
+
+
+def answer_losses(
+    ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False
+) -> dict[str, Tensor]:
+    """Answer-token loss of QA rows whose state is read from their episode's context.
+
+    batch: `context_ids`, `context_mask` (E episodes, T chunks, C), `input_ids`, `attention_mask`,
+    `loss_mask` (R rows: prompt + answer; loss_mask marks the answer tokens, each scored as the
+    target of the position before it), `row_episode` (R,). One frozen pass reads all contexts;
+    one adapted pass answers all rows. `loss` is the mean per answer token.
+    """
+    stats, counts = chunk_statistics(
+        ga, batch["context_ids"].to(ga.device), batch["context_mask"].to(ga.device)
+    )
+    ids, attn = batch["input_ids"].to(ga.device), batch["attention_mask"].to(ga.device)
+    target = batch["loss_mask"].to(ga.device)
+    with ga.adapted(episode_state(ga, stats, counts, batch["row_episode"])):
+        loss_sum, n_tok = token_losses(
+            ga.base_model(input_ids=ids, attention_mask=attn).logits, ids, target
+        )
+    out = {"loss": loss_sum.sum() / n_tok.sum().clamp(min=1), "tokens": n_tok.sum()}
+    out["row_loss"] = loss_sum / n_tok.clamp(min=1)
+    if with_base:
+        with torch.no_grad():
+            base_sum, _ = token_losses(
+                ga.base_model(input_ids=ids, attention_mask=attn).logits, ids, target
+            )
+        out["row_loss_base"] = base_sum / n_tok.clamp(min=1)
+    return out

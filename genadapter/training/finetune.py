@@ -1,0 +1,73 @@
+"""Instruction tuning of the generator: answer questions about a context read into a state.
+
+Same conventions as pretraining (only `ga.generator` learns, safetensors checkpoints, exact
+resume); batches come from `FinetuneDataModule`: episode batches (loss on answer tokens only)
+with every `lm_every`-th batch a pretraining batch, so language modelling is not forgotten.
+Validation reports, per task, the answer NLL with no context (`loss_base`), with the state
+(`loss_adapted`) and with the context in the prompt (`loss_prompt`), and the gap closed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genadapter.training.module import GeneratorPretraining
+from genadapter.training.objectives import answer_losses, pretrain_losses, token_losses
+
+
+class GeneratorFinetuning(GeneratorPretraining):
+    def __init__(
+        self, *args, lm_weight: float = 1.0, task_names: list[str] | None = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if "context_ids" not in batch:  # a pretraining batch
+            h = self.hparams
+            out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
+                                  h.completion_weight, self._rng())  # fmt: skip
+            self.log("train/lm_loss", out["loss"], batch_size=batch["input_ids"].shape[0])
+            return self.hparams.lm_weight * out["loss"]
+        out = answer_losses(self.ga, batch)
+        self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=len(batch["row_task"]))
+        return out["loss"]
+
+    def _task(self, index: int) -> str:
+        names = self.hparams.task_names or []
+        if not names and self.trainer is not None and self.trainer.datamodule is not None:
+            names = self.trainer.datamodule.task_names()
+        return names[index] if index < len(names) else f"task{index}"
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = answer_losses(self.ga, batch, with_base=True)
+        n_tok = batch["loss_mask"][:, 1:].sum(1).to(out["row_loss"])
+        prompt_loss = None
+        if len(batch.get("prompt_rows", [])):
+            ids = batch["prompt_input_ids"].to(self.device)
+            attn = batch["prompt_attention_mask"].to(self.device)
+            logits = self.ga.base_model(input_ids=ids, attention_mask=attn).logits
+            s, n = token_losses(logits, ids, batch["prompt_loss_mask"].to(self.device))
+            prompt_loss = s / n.clamp(min=1)
+        # gap_closed compares the three on the same rows: those whose prompt fits the window
+        fits = torch.zeros_like(n_tok, dtype=torch.bool)
+        if prompt_loss is not None:
+            fits[batch["prompt_rows"].to(self.device)] = True
+        for t in batch["row_task"].unique().tolist():
+            rows = (batch["row_task"] == t).to(self.device) & fits
+            if not rows.any():
+                continue
+            task, w = self._task(t), n_tok[rows].sum()
+            prompt_sel = rows[batch["prompt_rows"].to(self.device)]
+            for what, losses in (("adapted", out["row_loss"][rows]), ("base", out["row_loss_base"][rows]),
+                                 ("prompt", prompt_loss[prompt_sel])):  # fmt: skip
+                weights = n_tok[rows]
+                self._accumulate(f"{task}/loss_{what}", (losses * weights).sum() / w, w)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`genadapter finetune --config FILE.yaml`: the pretraining CLI with these classes."""
+    from genadapter.training.cli import main as cli_main
+    from genadapter.training.instruct_data import FinetuneDataModule
+
+    return cli_main(argv, "genadapter finetune", GeneratorFinetuning, FinetuneDataModule)

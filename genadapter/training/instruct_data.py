@@ -1,0 +1,222 @@
+"""Episode batches for instruction tuning: read a context stream, answer questions about it.
+
+Each episode (facts / persona QA, wiki-topic demonstrations) becomes its context cut into
+chunks exactly as `GenerativeAdapter.read` cuts it (document by document, `chunk_len` tokens)
+and one row per question: the shared prompt format (`eval.prompts.PromptFormat`) followed by
+the answer and the end-of-turn token, with the loss on the answer tokens only.
+
+The training stream is a seeded mixture: batch i draws its episodes from a generator seeded by
+(seed, rank, i), and every `lm_every`-th batch is a pretraining batch instead, so language
+modelling is not forgotten. Batch i depends only on i, which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from genadapter.data.episodes import DemoEpisode, Episode, read_episodes
+from genadapter.eval.prompts import PromptFormat, join_context
+from genadapter.training.datamodule import ChunkedBatches, PretrainDataModule, collate
+
+
+@dataclass
+class EncodedEpisode:
+    chunks: list[list[int]]  # the context, chunked as `read` chunks it
+    prompts: list[list[int]]  # one per question, without context
+    answers: list[list[int]]  # target tokens (answer + end of turn)
+    prompts_with_context: list[list[int]]  # the same questions, context in the prompt
+
+
+def question_answers(episode: Episode) -> list[tuple[str, str]]:
+    """(question, canonical answer) pairs of any episode kind."""
+    if isinstance(episode, DemoEpisode):
+        return [(q.input, q.output) for q in episode.queries]
+    return [(qa.question, qa.answers[0]) for qa in episode.qas]
+
+
+def encode_episode(
+    episode: Episode, fmt: PromptFormat, chunk_len: int, questions: list[int] | None = None,
+    with_context_prompts: bool = False,
+) -> EncodedEpisode:  # fmt: skip
+    tok = fmt.tokenizer
+    chunks = []
+    for text in episode.context_texts():
+        ids = tok(text, add_special_tokens=False).input_ids
+        chunks += [ids[i : i + chunk_len] for i in range(0, len(ids), chunk_len)]
+    pairs = question_answers(episode)
+    pairs = [pairs[i] for i in questions] if questions is not None else pairs
+    end = fmt.stop_token_ids()[:1]  # teach the model to stop after a short answer
+    context = join_context(episode.context_texts()) if with_context_prompts else None
+    return EncodedEpisode(
+        chunks=chunks,
+        prompts=[fmt.prompt_ids(q) for q, _ in pairs],
+        answers=[fmt.answer_ids(a) + end for _, a in pairs],
+        prompts_with_context=[fmt.prompt_ids(q, context) for q, _ in pairs] if context else [],
+    )
+
+
+def pad_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded prompt + answer rows; `loss_mask` marks the answer tokens."""
+    L = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    attn, loss = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        attn[i, : len(p) + len(a)] = 1
+        loss[i, len(p) : len(p) + len(a)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def collate_episodes(
+    encoded: list[EncodedEpisode], tasks: list[int], chunk_len: int, pad_id: int,
+    max_prompt_len: int | None = None,
+) -> dict[str, Tensor]:  # fmt: skip
+    """One batch: contexts (E, T, C), answer rows (R, L) with their episode and task index.
+
+    When the episodes carry context prompts, also the `prompt_*` rows (context in the prompt)
+    of the questions that fit `max_prompt_len`, and `prompt_rows`, their row indices."""
+    batch = collate([e.chunks for e in encoded], chunk_len, pad_id)
+    batch = {"context_ids": batch["input_ids"], "context_mask": batch["attention_mask"]}
+    prompts = [p for e in encoded for p in e.prompts]
+    answers = [a for e in encoded for a in e.answers]
+    batch.update(pad_rows(prompts, answers, pad_id))
+    batch["row_episode"] = torch.tensor([i for i, e in enumerate(encoded) for _ in e.prompts])
+    batch["row_task"] = torch.tensor(
+        [t for t, e in zip(tasks, encoded, strict=True) for _ in e.prompts]
+    )
+    with_context = [p for e in encoded for p in e.prompts_with_context]
+    if with_context:
+        fits = [i for i, (p, a) in enumerate(zip(with_context, answers, strict=True))
+                if max_prompt_len is None or len(p) + len(a) <= max_prompt_len]  # fmt: skip
+        batch["prompt_rows"] = torch.tensor(fits, dtype=torch.long)
+        if fits:
+            rows = pad_rows([with_context[i] for i in fits], [answers[i] for i in fits], pad_id)
+            batch.update({f"prompt_{k}": v for k, v in rows.items()})
+    return batch
+
+
+class EpisodeMixture(IterableDataset):
+    """Endless seeded batches of episodes drawn from weighted task files, with LM batches mixed in."""
+
+    def __init__(
+        self, tasks: list[list[Episode]], weights: list[float], fmt: PromptFormat, chunk_len: int,
+        max_chunks: int, episodes_per_batch: int, max_questions: int, lm_every: int,
+        lm_batches: ChunkedBatches | None, seed: int, rank: int = 0, skip: int = 0,
+    ):  # fmt: skip
+        super().__init__()
+        self.tasks, self.weights, self.fmt = tasks, weights, fmt
+        self.chunk_len, self.max_chunks = chunk_len, max_chunks
+        self.episodes_per_batch, self.max_questions = episodes_per_batch, max_questions
+        self.lm_every, self.lm_batches = lm_every, lm_batches
+        self.seed, self.rank, self.skip = seed, rank, skip
+
+    def is_lm_batch(self, i: int) -> bool:
+        return (
+            self.lm_batches is not None
+            and self.lm_every > 0
+            and i % self.lm_every == self.lm_every - 1
+        )
+
+    def episode_batch(self, i: int) -> dict[str, Tensor]:
+        rng = random.Random(f"{self.seed}/{self.rank}/{i}")
+        encoded, task_ids = [], []
+        while len(encoded) < self.episodes_per_batch:
+            t = rng.choices(range(len(self.tasks)), weights=self.weights)[0]
+            episode = rng.choice(self.tasks[t])
+            n_q = len(question_answers(episode))
+            questions = rng.sample(range(n_q), min(n_q, self.max_questions))
+            enc = encode_episode(episode, self.fmt, self.chunk_len, questions)
+            if len(enc.chunks) <= self.max_chunks:  # longer contexts are skipped, not truncated
+                encoded.append(enc)
+                task_ids.append(t)
+        pad = self.fmt.tokenizer.pad_token_id or 0
+        return collate_episodes(encoded, task_ids, self.chunk_len, pad)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        lm_skip = sum(self.is_lm_batch(i) for i in range(self.skip))
+        if self.lm_batches is not None:
+            self.lm_batches.skip = lm_skip
+        lm = iter(self.lm_batches) if self.lm_batches is not None else None
+        i = self.skip
+        while True:
+            yield next(lm) if self.is_lm_batch(i) else self.episode_batch(i)
+            i += 1
+
+
+class FinetuneDataModule(PretrainDataModule):
+    """Episode files (`train_files`: path -> weight; `val_files`: path list) plus the
+    pretraining corpus settings inherited from PretrainDataModule for the LM batches."""
+
+    def __init__(
+        self,
+        train_files: dict[str, float] | None = None,
+        val_files: list[str] | None = None,
+        episodes_per_batch: int = 8,
+        max_questions: int = 4,
+        max_context_chunks: int = 64,
+        val_episodes: int = 32,
+        prompt_window: int | None = 8192,  # context prompts longer than this are left out
+        lm_every: int = 4,
+        **pretrain_data,
+    ):
+        super().__init__(**pretrain_data)  # its save_hyperparameters() records our arguments too
+        if not train_files:
+            raise ValueError("train_files is empty: name at least one episode file")
+        for path in [*train_files, *(val_files or [])]:
+            if not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"episode file not found: {path} (run `genadapter make-benchmarks`)"
+                )
+        if any(w < 0 for w in train_files.values()) or sum(train_files.values()) <= 0:
+            raise ValueError(f"train_files weights must be >= 0 with a positive sum: {train_files}")
+        self._episodes: dict[str, list[Episode]] = {}
+
+    def episodes(self, path: str) -> list[Episode]:
+        if path not in self._episodes:
+            episodes, problems = read_episodes(path)
+            if not episodes:
+                raise ValueError(f"{path}: no valid episodes ({'; '.join(problems[:3])})")
+            self._episodes[path] = episodes
+        return self._episodes[path]
+
+    @property
+    def fmt(self) -> PromptFormat:
+        return PromptFormat(self.tokenizer)
+
+    def task_names(self) -> list[str]:
+        return [Path(p).parent.name + "/" + Path(p).stem for p in self.hparams.val_files or []]
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        rank, _ = self._rank_world()
+        lm = super().train_dataloader().dataset if h.lm_every > 0 else None
+        ds = EpisodeMixture(
+            [self.episodes(p) for p in h.train_files], list(h.train_files.values()), self.fmt,
+            h.chunk_len, h.max_context_chunks, h.episodes_per_batch, h.max_questions, h.lm_every,
+            lm, h.seed, rank, self._skip,
+        )  # fmt: skip
+        return DataLoader(ds, batch_size=None)
+
+    def val_dataloader(self) -> list[DataLoader] | DataLoader:
+        h = self.hparams
+        rank, world = self._rank_world()
+        batches = []
+        for t, path in enumerate(h.val_files or []):
+            eps = self.episodes(path)[: h.val_episodes][rank::world]
+            for i in range(0, len(eps), h.episodes_per_batch):
+                enc = [encode_episode(e, self.fmt, h.chunk_len, with_context_prompts=True)
+                       for e in eps[i : i + h.episodes_per_batch]]  # fmt: skip
+                enc = [e for e in enc if len(e.chunks) <= h.max_context_chunks]
+                if enc:
+                    pad = self.tokenizer.pad_token_id or 0
+                    batches.append(
+                        collate_episodes(enc, [t] * len(enc), h.chunk_len, pad, h.prompt_window)
+                    )
+        return DataLoader(batches, batch_size=None)

@@ -1,0 +1,215 @@
+"""Instruction tuning on tiny random models: answer-only loss, injection through the state, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_model
+
+from genadapter import GenerativeAdapter, GeneratorConfig
+from genadapter.data.episodes import QAEpisode
+from genadapter.eval.prompts import PromptFormat
+from genadapter.training.checkpoint_io import SafetensorsCheckpointIO
+from genadapter.training.cli import build, build_parser
+from genadapter.training.finetune import GeneratorFinetuning, main
+from genadapter.training.instruct_data import (
+    EncodedEpisode,
+    FinetuneDataModule,
+    collate_episodes,
+    encode_episode,
+)
+from genadapter.training.objectives import (
+    answer_losses,
+    chunk_statistics,
+    episode_state,
+    token_losses,
+)
+
+CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Perth"]
+JOBS = ["baker", "pilot", "nurse", "judge"]
+
+
+def qa_episode(i: int) -> dict:
+    rng = random.Random(i)
+    name = f"Person{i}"
+    city, job = rng.choice(CITIES), rng.choice(JOBS)
+    return {"id": f"ep{i}", "context": [f"{name} lives in {city}.", f"{name} works as a {job}."],
+            "qas": [{"question": f"Where does {name} live?", "answers": [city]},
+                    {"question": f"What is the job of {name}?", "answers": [job]}]}  # fmt: skip
+
+
+def read_episode(d: dict) -> QAEpisode:
+    return QAEpisode.from_json(d)
+
+
+def demo_episode(i: int) -> dict:
+    labels = ["good", "bad"]
+    demos = [{"input": f"review {i}-{k}", "output": labels[k % 2]} for k in range(3)]
+    return {"id": f"demo{i}", "demonstrations": demos,
+            "queries": [{"input": f"review {i}-q", "output": "good", "options": labels}]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def episode_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("episodes")
+    files = {"qa": [qa_episode(i) for i in range(12)], "demo": [demo_episode(i) for i in range(6)],
+             "corpus": [{"text": f"document {i} tells a short story about the sea and a ship"} for i in range(20)]}  # fmt: skip
+    paths = {}
+    for name, rows in files.items():
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("\n".join(json.dumps(r) for r in rows))
+    return paths
+
+
+def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) -> Path:
+    cfg = {
+        "seed": 0,
+        "run_dir": str(tmp_path / "run"),
+        "model": {"base_model": str(tiny_dir), "generator": {"r": 8, "r_in": 8, "chunk_len": 4},
+                  "lr": 0.01, "warmup_steps": 2, "decay_steps": 6, "targets_per_doc": 2},
+        "data": {"train_files": {str(files["qa"]): 2.0, str(files["demo"]): 1.0},
+                 "val_files": [str(files["qa"]), str(files["demo"])], "episodes_per_batch": 2,
+                 "max_questions": 2, "val_episodes": 2, "lm_every": 3, "source": str(files["corpus"]),
+                 "chunk_len": 4, "max_chunks": 3, "min_chunks": 2, "batch_size": 2, "val_percent": 0.0},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False,
+                    "enable_model_summary": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
+                    "limit_val_batches": 0, "check_val_every_n_epoch": None, **trainer},
+        "checkpoint": {"save_last": True, "every_n_train_steps": 3},
+    }  # fmt: skip
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fit(cfg_path: Path, *extra: str) -> tuple[GeneratorFinetuning, object]:
+    from genadapter.training.instruct_data import FinetuneDataModule as Data
+
+    cfg = build_parser("finetune", GeneratorFinetuning, Data).parse_args(
+        ["--config", str(cfg_path), *extra]
+    )
+    model, data, trainer = build(cfg, GeneratorFinetuning, Data)
+    trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
+    return model, trainer
+
+
+def test_loss_is_on_answer_tokens_only(tiny_dir, episode_files, smollm2_tokenizer):
+    data = FinetuneDataModule(train_files={str(episode_files["qa"]): 1.0}, tokenizer=str(tiny_dir),
+                              episodes_per_batch=3, lm_every=0, chunk_len=4)  # fmt: skip
+    batch = next(iter(data.train_dataloader()))
+    episodes = [qa_episode(i) for i in range(12)]
+    answers = {qa["answers"][0] for ep in episodes for qa in ep["qas"]}
+    for ids, mask in zip(batch["input_ids"], batch["loss_mask"], strict=True):
+        target = smollm2_tokenizer.decode(ids[mask.bool()])
+        assert target.endswith("<|im_end|>") and target.removesuffix("<|im_end|>") in answers
+    # gradients reach exactly the logits that predict answer tokens
+    logits = torch.randn(*batch["input_ids"].shape, len(smollm2_tokenizer), requires_grad=True)
+    loss_sum, n_tok = token_losses(logits, batch["input_ids"], batch["loss_mask"])
+    loss_sum.sum().backward()
+    predicts_answer = torch.zeros_like(batch["loss_mask"], dtype=torch.bool)
+    predicts_answer[:, :-1] = batch["loss_mask"][:, 1:].bool()
+    touched = logits.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, predicts_answer)
+    assert torch.equal(n_tok, batch["loss_mask"][:, 1:].sum(1).float())
+
+
+def test_episode_state_equals_reading_the_context_with_read(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ga = GenerativeAdapter.from_base(tiny_model("llama", vocab=len(tok)), GeneratorConfig(r=4, r_in=4, chunk_len=4),
+                                     tokenizer=tok)  # fmt: skip
+    for block in ga.generator.blocks.values():
+        torch.nn.init.normal_(block.B)
+    episodes = [read_episode(qa_episode(i)) for i in range(3)]
+    encoded = [encode_episode(e, PromptFormat(tok), chunk_len=4) for e in episodes]
+    batch = collate_episodes(encoded, [0, 0, 0], chunk_len=4, pad_id=0)
+    stats, counts = chunk_statistics(ga, batch["context_ids"], batch["context_mask"])
+    state = episode_state(ga, stats, counts, torch.arange(3))
+    for e, episode in enumerate(episodes):
+        reread = ga.new_state(1)
+        for text in episode.context_texts():  # what the genadapter evaluation method does
+            reread = ga.read(text, reread)
+        for k in state.S:
+            torch.testing.assert_close(state.S[k][e], reread.S[k][0], rtol=1e-5, atol=1e-6)
+        assert state.n[e] == reread.n[0]
+
+
+def test_tiny_model_learns_qa_through_the_state():
+    """One fact per episode (name -> value); held-out episodes must be answered from the context:
+    with the right state far below chance, with another episode's state far above it."""
+    names, values, filler = range(10, 60), range(60, 68), range(70, 120)
+
+    def episode(rng: random.Random) -> EncodedEpisode:
+        name, value = rng.choice(names), rng.choice(values)
+        f = [rng.choice(filler) for _ in range(5)]
+        return EncodedEpisode([[f[0], name, 5, value], f[1:]], [[2, name, 6]], [[value]], [])
+
+    def batch(eps: list[EncodedEpisode]) -> dict:
+        return collate_episodes(eps, [0] * len(eps), chunk_len=4, pad_id=0)
+
+    torch.manual_seed(0)
+    ga = GenerativeAdapter.from_base(
+        tiny_model("llama", init_range=0.5), GeneratorConfig(r=16, r_in=16, chunk_len=4)
+    )
+    opt = torch.optim.AdamW(ga.generator.parameters(), lr=0.01)
+    rng = random.Random(0)
+    for _ in range(300):  # a plateau at chance (format learnt) comes first, then injection
+        loss = answer_losses(ga, batch([episode(rng) for _ in range(16)]))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    held_out = [episode(random.Random(10_000 + i)) for i in range(32)]
+    swapped = [EncodedEpisode(a.chunks, b.prompts, b.answers, []) for a, b in zip(held_out, held_out[1:] + held_out[:1], strict=True)]  # fmt: skip
+    with torch.no_grad():
+        right = answer_losses(ga, batch(held_out), with_base=True)
+        wrong = answer_losses(ga, batch(swapped))["loss"].item()
+    chance = math.log(len(values))
+    assert right["loss"].item() < 0.25 * chance < chance < right["row_loss_base"].mean().item()
+    assert wrong > chance  # the answer comes from the context, not from a learned prior
+
+
+def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir, episode_files):
+    straight, _ = fit(config(tmp_path / "a", tiny_dir, episode_files))
+    config(tmp_path / "b", tiny_dir, episode_files, max_steps=3)
+    first, _ = fit(tmp_path / "b" / "cfg.yaml")
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "last.ckpt"
+    assert set(SafetensorsCheckpointIO().load_checkpoint(ckpt)["state_dict"]) == set(
+        first.ga.generator_state_dict()
+    )
+    resumed, _ = fit(config(tmp_path / "b", tiny_dir, episode_files), "--ckpt_path", str(ckpt))
+    for k, v in straight.ga.generator_state_dict().items():
+        assert torch.equal(v, resumed.ga.generator_state_dict()[k]), k
+    # validation: answer NLL without / with the state / with the context in the prompt, per task
+    _, trainer = fit(config(tmp_path / "c", tiny_dir, episode_files, max_steps=1, limit_val_batches=1.0,
+                            val_check_interval=1))  # fmt: skip
+    m = trainer.callback_metrics
+    for task in (
+        f"{episode_files['qa'].parent.name}/qa",
+        f"{episode_files['qa'].parent.name}/demo",
+    ):
+        assert {f"val/{task}/loss_{w}" for w in ("base", "adapted", "prompt")} <= set(m), sorted(m)
+    lines = (tmp_path / "a" / "run" / "csv" / "metrics.csv").read_text()
+    assert "train/answer_loss" in lines and "train/lm_loss" in lines  # both kinds of batch ran
+
+
+def test_finetune_bad_inputs(tmp_path, tiny_dir, episode_files, capsys):
+    with pytest.raises(FileNotFoundError, match="make-benchmarks"):
+        FinetuneDataModule(train_files={str(tmp_path / "missing.jsonl"): 1.0})
+    with pytest.raises(ValueError, match="train_files is empty"):
+        FinetuneDataModule(train_files={})
+    with pytest.raises(ValueError, match="weights"):
+        FinetuneDataModule(train_files={str(episode_files["qa"]): -1.0})
+    cfg = config(tmp_path, tiny_dir, episode_files)
+    text = cfg.read_text().replace(
+        str(episode_files["demo"]) + ": 1.0", str(tmp_path / "nope.jsonl") + ": 1.0"
+    )
+    cfg.write_text(text)
+    assert main(["--config", str(cfg)]) == 2
+    assert "episode file not found" in capsys.readouterr().err
