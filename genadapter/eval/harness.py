@@ -45,6 +45,8 @@ class EvalConfig:
     out: str = "experiments/eval/out"
     model: str = DEFAULT_MODEL
     generator: str | None = None  # trained generator dir; None = fresh (untrained) generator
+    # more generators side by side: method "genadapter:LABEL" uses generators[LABEL]
+    generators: dict[str, str] = field(default_factory=dict)
     max_episodes: int | None = None  # per data file
     max_questions: int | None = None  # per episode
     ttt_steps: int = 5
@@ -62,7 +64,11 @@ class EvalConfig:
             self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        unknown = sorted(set(self.methods) - set(ALL_METHODS))
+        labelled = {m for m in self.methods if m.startswith("genadapter:")}
+        missing = sorted(m for m in labelled if m.split(":", 1)[1] not in self.generators)
+        if missing:
+            raise ValueError(f"{missing}: no such label in `generators` {sorted(self.generators)}")
+        unknown = sorted(set(self.methods) - set(ALL_METHODS) - labelled)
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
         if not self.methods:
@@ -138,21 +144,25 @@ def evaluate_episode(
 
 
 def build_methods(config: EvalConfig, model, tokenizer, ga=None) -> dict[str, Method]:
-    if "genadapter" in config.methods and ga is None:
-        ga = load_generator(config, model, tokenizer)
-    return {
-        name: make_method(name, model, tokenizer, ga=ga, **config.method_kwargs(name))
-        for name in config.methods
-    }
+    methods = {}
+    for name in config.methods:
+        kind, _, label = name.partition(":")
+        adapter = None
+        if kind == "genadapter":
+            path = config.generators[label] if label else config.generator
+            adapter = ga if ga is not None and not label else load_generator(path, model, tokenizer)
+        methods[name] = make_method(
+            kind, model, tokenizer, ga=adapter, **config.method_kwargs(name)
+        )
+    return methods
 
 
-def load_generator(config: EvalConfig, model, tokenizer):
+def load_generator(path: str | None, model, tokenizer):
+    """A trained generator from `path`; None gives a fresh (untrained) one, equal to the base."""
     from genadapter import GenerativeAdapter, GeneratorConfig
 
-    if config.generator:
-        return GenerativeAdapter.from_pretrained(
-            config.generator, base_model=model, tokenizer=tokenizer
-        )
+    if path:
+        return GenerativeAdapter.from_pretrained(path, base_model=model, tokenizer=tokenizer)
     return GenerativeAdapter.from_base(model, GeneratorConfig(), tokenizer=tokenizer)
 
 
@@ -206,9 +216,11 @@ def run_eval(
             records.append({**base, **rec})
             bar.update()
     bar.close()
-    generator = "n/a"
+    generator: str | dict = "n/a"
     if "genadapter" in methods:
         generator = config.generator or "untrained (fresh generator: equals base by design)"
+    if config.generators:
+        generator = {"genadapter": generator, **config.generators}
     return {
         "config": dataclasses.asdict(config),
         "git_commit": git_commit(),
