@@ -129,3 +129,33 @@ def test_cli_with_yaml_config(qa_file, tmp_path, smollm2_tokenizer, capsys):
     assert saved["config"]["window"] == 8 and saved["config"]["max_new_tokens"] == 3
     assert len(saved["records"]) == 6 and not (tmp_path / "ignored").exists()
     assert "| prompt-window |" in capsys.readouterr().out
+
+
+def test_labelled_generators_side_by_side_and_episode_limits_per_file(
+    qa_file, tmp_path, smollm2_tokenizer
+):
+    from genadapter import GenerativeAdapter, GeneratorConfig
+
+    model = tiny_llama()
+    dirs = {}
+    for label, scale in (("fresh", 0.0), ("trained", 1.0)):
+        ga = GenerativeAdapter.from_base(model, GeneratorConfig(r=4, r_in=4, chunk_len=8))
+        for block in ga.generator.blocks.values():
+            torch.nn.init.normal_(block.B, std=scale)  # std 0: B = 0, the adapter is the identity
+        dirs[label] = str(tmp_path / label)
+        ga.save_pretrained(dirs[label])
+    other = write_jsonl(tmp_path / "other.jsonl", GOOD)
+    config = EvalConfig(task="qa", data=[qa_file, other], methods=["base", "genadapter:fresh", "genadapter:trained"],
+                        generators=dirs, max_episodes={other: 1}, max_new_tokens=3)  # fmt: skip
+    results = run_eval(config, model, smollm2_tokenizer, progress=False)
+    recs = {(r["method"], r["source"], r["episode"]): r for r in results["records"]}
+    assert len(recs) == 3 * (2 + 1)  # both good episodes of qa_file, one of `other`
+    for (method, source, episode), rec in recs.items():
+        base = recs[("base", source, episode)]
+        if method == "genadapter:fresh":
+            assert rec["nll"] == pytest.approx(base["nll"], abs=1e-5)
+        if method == "genadapter:trained":
+            assert rec["nll"] != pytest.approx(base["nll"], abs=1e-3)
+    assert results["generator"]["trained"] == dirs["trained"]
+    with pytest.raises(ValueError, match="no such label"):
+        EvalConfig(data=["x"], methods=["genadapter:missing"], generators=dirs)

@@ -47,7 +47,7 @@ class EvalConfig:
     generator: str | None = None  # trained generator dir; None = fresh (untrained) generator
     # more generators side by side: method "genadapter:LABEL" uses generators[LABEL]
     generators: dict[str, str] = field(default_factory=dict)
-    max_episodes: int | None = None  # per data file
+    max_episodes: int | dict[str, int] | None = None  # per data file (a dict: per file path)
     max_questions: int | None = None  # per episode
     ttt_steps: int = 5
     ttt_lr: float = 1e-3
@@ -96,7 +96,10 @@ def load_episodes(config: EvalConfig) -> tuple[list[tuple[str, Any]], list[str]]
     for path in config.data:
         episodes, bad = read_episodes(path, kind=config.task)
         problems += [f"{path}: {p}" for p in bad]
-        for ep in episodes[: config.max_episodes]:
+        limit = config.max_episodes
+        if isinstance(limit, dict):
+            limit = limit.get(str(path))
+        for ep in episodes[:limit]:
             pairs.append((str(path), ep))
     return pairs, problems
 
