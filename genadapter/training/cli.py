@@ -76,6 +76,15 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: str) -> str | None:
     return str(found[-1]) if found else None
 
 
+def keep_metrics(csv_path: Path) -> None:
+    """Lightning's CSVLogger starts its file afresh: keep the metrics of the run being resumed."""
+    if csv_path.is_file():
+        n = len(list(csv_path.parent.glob("metrics.before-resume-*.csv"))) + 1
+        kept = csv_path.with_name(f"metrics.before-resume-{n}.csv")
+        csv_path.rename(kept)
+        print(f"resuming: earlier metrics kept in {kept}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, prog: str = "genadapter pretrain",
          model_class: type = GeneratorPretraining, data_class: type = PretrainDataModule) -> int:  # fmt: skip
     parser = build_parser(prog, model_class, data_class)
@@ -91,7 +100,10 @@ def main(argv: list[str] | None = None, prog: str = "genadapter pretrain",
         return 2
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     parser.save(cfg, Path(cfg.run_dir) / "config.yaml", overwrite=True, skip_check=True)
-    trainer.fit(model, datamodule=data, ckpt_path=resolve_ckpt(cfg.ckpt_path, cfg.run_dir))
+    ckpt = resolve_ckpt(cfg.ckpt_path, cfg.run_dir)
+    if ckpt is not None:
+        keep_metrics(Path(cfg.run_dir) / "csv" / "metrics.csv")
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     return 0
 
 
