@@ -2,8 +2,8 @@
 
     python experiments/training_report.py RUN_DIR OUT_PREFIX [--after EARLIER.metrics.csv]
 
-writes OUT_PREFIX.metrics.csv (the run's CSV; with --after, the earlier run's rows first and
-this run's steps shifted to follow them), OUT_PREFIX.png (train losses; held-out gap_closed of
+writes OUT_PREFIX.metrics.csv (the run's CSV; with --after, the earlier run's rows first and,
+for a run started from its weights, this run's steps shifted to follow them), OUT_PREFIX.png (train losses; held-out gap_closed of
 every objective or task) and OUT_PREFIX.json (the last held-out figures of each).
 """
 
@@ -35,6 +35,8 @@ def main(run_dir: str, out_prefix: str, after: str | None = None) -> dict:
     if after:  # a continuation run: its steps follow the earlier run's
         earlier = read_rows(Path(after))
         offset = max(int(r["step"]) for r in earlier if r.get("step")) + 1
+        if min(int(r["step"]) for r in rows if r.get("step")) >= offset:
+            offset = 0  # a resumed run (--ckpt_path) already counts on from the earlier steps
         rows = earlier + [{**r, "step": str(int(r["step"]) + offset)} for r in rows]
     out = Path(out_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
