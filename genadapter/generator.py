@@ -125,9 +125,14 @@ class ModuleGenerator(nn.Module):
         v = h @ self.V.T
         return k.transpose(1, 2) @ v
 
+    def mixer(self, N: Tensor, scaling: float) -> Tensor:
+        """M = N (alpha/r) B^T (b, r_in, out): the side path is (x A^T) M, so made once per state
+        it leaves two small matmuls per call (and never the out x in dW)."""
+        return N @ (self.B.T * scaling)
+
     def delta(self, x: Tensor, N: Tensor, scaling: float) -> Tensor:
         """(alpha/r) B N^T A x for x (b, s, in) and per-row N (b, r_in, r); never builds dW."""
-        return ((x @ self.A.T) @ N) @ (self.B.T * scaling)
+        return (x @ self.A.T) @ self.mixer(N, scaling)
 
 
 def module_key(name: str) -> str:

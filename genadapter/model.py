@@ -19,13 +19,17 @@ from torch import Tensor, nn
 
 from .assets import load_base_model
 from .config import GeneratorConfig
-from .generator import Generator, find_targets
+from .generator import Generator, _decoder_layers, find_targets
 from .state import AdapterState, StateMismatchError
 
 CONFIG_NAME = "generator_config.json"
 WEIGHTS_NAME = "generator.safetensors"
 
 TextOrIds = str | Sequence[str] | Tensor | Sequence[Sequence[int]]
+
+
+class _HaveAllLayers(Exception):
+    """Raised once reading has the input of its highest layer: the layers above never run."""
 
 
 class GenerativeAdapter(nn.Module):
@@ -40,6 +44,7 @@ class GenerativeAdapter(nn.Module):
         self.chunk_batch_size = 8  # chunks per frozen forward while reading
         self._merged = False
         self._modules_by_name = dict(base_model.named_modules())
+        self._layers_name = _decoder_layers(base_model)[0]  # the ModuleList of decoder layers
         self.generator.to(self.device)
 
     # --- construction -----------------------------------------------------------------------
@@ -200,15 +205,44 @@ class GenerativeAdapter(nn.Module):
         return ids
 
     @torch.no_grad()
-    def context_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
-        """Hidden states entering every decoder layer when the frozen LM reads these chunks alone."""
-        out = self.base_model.base_model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        return out.hidden_states
+    def context_features(self, input_ids: Tensor, attention_mask: Tensor) -> dict[int, Tensor]:
+        """{layer l: hidden state entering decoder layer l} (HF `hidden_states[l]`) for every layer
+        the generator adapts, when the frozen LM reads these chunks alone.
+
+        The forward stops at the input of the highest adapted layer: the layers above it, the
+        final norm and the LM head never run, and no other hidden state is kept.
+        """
+        layers, captured = self.generator.layers, {}
+        blocks = self._modules_by_name[self._layers_name]
+
+        def capture(layer: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured[layer] = args[0] if args else kwargs["hidden_states"]
+                if layer == layers[-1]:
+                    raise _HaveAllLayers
+
+            return hook
+
+        handles = [
+            blocks[layer].register_forward_pre_hook(capture(layer), with_kwargs=True)
+            for layer in layers
+        ]
+        try:
+            self.base_model.base_model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                use_cache=False,
+            )
+        except _HaveAllLayers:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(captured) != len(layers):
+            raise RuntimeError(
+                f"the base model never ran decoder layers {sorted(set(layers) - set(captured))}"
+            )
+        return captured
 
     def read(
         self,
@@ -278,22 +312,25 @@ class GenerativeAdapter(nn.Module):
             return
         scaling = self.config.scaling
         N = self.generator.normalized(state.S, state.n)
+        # per row, M = N (alpha/r) B^T (b, r_in, out), made once: each call adds (x A^T) M
+        M = {name: self.generator[name].mixer(N[name], scaling) for name in self.generator.names}
         handles = []
 
         def make_hook(name: str):
-            block = self.generator[name]
+            A = self.generator[name].A
 
             def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-                x = args[0]
-                Nx = N[name]
-                if x.shape[0] != Nx.shape[0]:
-                    if x.shape[0] % Nx.shape[0]:
+                x, Mx = args[0], M[name]
+                if x.shape[0] != Mx.shape[0]:
+                    if x.shape[0] % Mx.shape[0]:
                         raise ValueError(
-                            f"input batch {x.shape[0]} does not match state batch {Nx.shape[0]}"
+                            f"input batch {x.shape[0]} does not match state batch {Mx.shape[0]}"
                         )
-                    Nx = Nx.repeat_interleave(x.shape[0] // Nx.shape[0], 0)  # generate's expansion
-                delta = block.delta(x.to(block.A.dtype), Nx, scaling)
-                return output + delta.to(output.dtype)
+                    Mx = Mx.repeat_interleave(x.shape[0] // Mx.shape[0], 0)  # generate's expansion
+                xa = x.to(A.dtype) @ A.T
+                if x.dim() == 3 and output.dtype == Mx.dtype:
+                    return torch.baddbmm(output, xa, Mx)  # output + (x A^T) M in one kernel
+                return output + (xa @ Mx).to(output.dtype)
 
             return hook
 

@@ -1,0 +1,241 @@
+"""Shared helpers of the performance benchmarks: interleaved timing, peak RSS, result files.
+
+Every comparison runs its methods side by side in one process: warm-up calls first, then rounds
+in which each method runs once, the order alternating A B / B A so that drift (thermal, other
+processes) falls on both equally. Figures are medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).parent / "results"
+GENERATOR = ROOT / "experiments" / "pretrain" / "smollm2-wiki-generator"
+MiB = 2**20
+
+
+# --- command line --------------------------------------------------------------------------------
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small settings, about 2 minutes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per comparison")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+    return p
+
+
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Threads, seed and the conditions of the run (recorded in every result file)."""
+    _OTHERS.start()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.out is None:
+        args.out = RESULTS / "quick" if args.quick else RESULTS
+    return environment(args)
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1)
+    except (OSError, AttributeError):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "mode": "quick" if args.quick else "full",
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "transformers": _version("transformers"), "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]),
+    }  # fmt: skip
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+class _OtherProcesses:
+    """CPU time every other process used during the run, in cores: flags contaminated timings."""
+
+    def start(self) -> None:
+        self.wall, self.busy, self.own = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    @staticmethod
+    def _own() -> float:
+        t = psutil.Process().cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def cores(self) -> float:
+        wall = time.perf_counter() - self.wall
+        return max(0.0, (self._busy() - self.busy) - (self._own() - self.own)) / max(wall, 1e-9)
+
+
+_OTHERS = _OtherProcesses()
+
+
+# --- timing --------------------------------------------------------------------------------------
+def interleaved(
+    methods: dict[str, Callable[[], dict[str, float] | None]], reps: int, warmup: int = 1
+) -> dict[str, dict[str, list[float]]]:
+    """Run every method `warmup` times, then `reps` rounds of each once (order A B, then B A, ...).
+
+    A method may return a dict of its own sub-timings (e.g. prefill / decode); they are kept next
+    to "total", the wall time of the call (other return values are ignored).
+    Returns {method: {timing: [seconds, one per round]}}.
+    """
+    for _ in range(warmup):
+        for fn in methods.values():
+            fn()
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
+    names = list(methods)
+    for i in range(reps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            parts = methods[name]()
+            total = time.perf_counter() - start
+            parts = parts if isinstance(parts, dict) else {}
+            for key, value in {"total": total, **parts}.items():
+                out[name].setdefault(key, []).append(value)
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> float:
+    """Relative spread of the rounds: (max - min) / median."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "PASS" if ok else "MISS"
+
+
+# --- memory --------------------------------------------------------------------------------------
+def rss_mib() -> float:
+    return psutil.Process().memory_info().rss / MiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False if not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size since the last reset (VmHWM), in MiB."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024
+
+
+def peak_rss_during(fn: Callable[[], Any]) -> dict[str, float | None]:
+    """RSS before `fn` and the peak while it runs (None where the kernel does not allow a reset)."""
+    before = rss_mib()
+    ok = reset_peak_rss()
+    fn()
+    peak = round(peak_rss_mib(), 1) if ok else None
+    return {"rss_before_mib": round(before, 1), "peak_rss_mib": peak}
+
+
+# --- inputs --------------------------------------------------------------------------------------
+def load_adapter():
+    """The committed pretrained generator on SmolLM2-135M-Instruct."""
+    from genadapter import GenerativeAdapter
+
+    return GenerativeAdapter.from_pretrained(GENERATOR)
+
+
+def wiki_tokens(tokenizer, n: int) -> torch.Tensor:
+    """The first n tokens of the offline Wikipedia summaries in title order, cycled: real text."""
+    from genadapter.assets import load_wiki_summaries
+
+    ids: list[int] = []
+    for row in itertools.cycle(load_wiki_summaries()):
+        text = f"{row['title']}\n\n{row['extract']}\n\n"
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
+            return torch.tensor(ids[:n], dtype=torch.long)
+    raise AssertionError("unreachable")
+
+
+# --- results -------------------------------------------------------------------------------------
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def conditions_md(env: dict[str, Any]) -> str:
+    others = env["other_processes_cores"]
+    note = (
+        f" **Timings contaminated: other processes used {others} cores.**" if others > 0.2 else ""
+    )
+    return (
+        f"{env['mode']} mode; {env['cpu']}, {env['torch_threads']} torch threads of {env['cores']} "
+        f"cores, other processes used {others} cores meanwhile.{note} torch {env['torch']}, "
+        f"transformers {env['transformers']}, commit {env['commit']}, {env['date']}.\n\n"
+        f"Regenerate: `{env['command']}`"
+    )
+
+
+def write(name: str, out: Path, result: dict[str, Any], markdown: str, figure) -> None:
+    """results/<name>.json, .md (with the conditions of the run appended) and .png."""
+    env = result["environment"]
+    env["other_processes_cores"] = round(_OTHERS.cores(), 2)
+    markdown = markdown.rstrip() + "\n\n" + conditions_md(env) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    figure.tight_layout()
+    figure.savefig(out / f"{name}.png", dpi=120)
+    print(markdown)
+    print(f"wrote {out / name}.json, .md, .png")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

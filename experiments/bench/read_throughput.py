@@ -1,0 +1,106 @@
+"""Read throughput: tokens/s of `ga.read` vs a plain no-grad forward of the base LM, same chunks.
+
+`read` cuts each row into chunks of `chunk_len` tokens and runs the frozen LM over a batch of
+chunks (`chunk_batch_size`, 8), then projects the hidden states into the state. The baseline is
+what reading needs from the LM and nothing more: the decoder body (all layers and the final norm,
+**no LM head**) over the same chunks and mask, no grad, no cache. The full model with its LM head
+is timed too, for reference. Chunk lengths 128, 512, 2048; batch 1 and 8 chunks per forward.
+Target: read >= 0.95x the body forward.
+
+    python experiments/bench/read_throughput.py           # full
+    python experiments/bench/read_throughput.py --quick   # chunks 128 and 512, 3 rounds
+"""
+
+from __future__ import annotations
+
+import sys
+
+import common
+import torch
+
+
+def main() -> int:
+    args = common.parser(__doc__).parse_args()
+    env = common.setup(args)
+    lengths = (128, 512) if args.quick else (128, 512, 2048)
+    batches = (1, 8)
+    reps = args.reps or (3 if args.quick else 5)
+
+    ga = common.load_adapter()
+    lm = ga.base_model
+    stream = common.wiki_tokens(ga.tokenizer, max(lengths) * max(batches))
+    rows, table = [], []
+    for length in lengths:
+        for batch in batches:
+            ids = stream[: length * batch].view(batch, length)
+            mask = torch.ones_like(ids)
+            ga.config.chunk_len = length  # every row is one chunk: one forward of `batch` chunks
+
+            @torch.no_grad()
+            def body(ids=ids, mask=mask):
+                lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+            @torch.no_grad()
+            def full(ids=ids, mask=mask):
+                lm(input_ids=ids, attention_mask=mask, use_cache=False)
+
+            times = common.interleaved(
+                {"read": lambda ids=ids: ga.read(ids), "forward": body, "forward+head": full},
+                reps,
+            )
+            tokens = ids.numel()
+            tps = {k: tokens / common.median(v["total"]) for k, v in times.items()}
+            ratio = tps["read"] / tps["forward"]
+            row = {
+                "chunk_len": length, "batch": batch, "tokens": tokens,
+                "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+                "seconds": {k: v["total"] for k, v in times.items()},
+                "read_over_forward": round(ratio, 3),
+                "read_over_forward_with_head": round(tps["read"] / tps["forward+head"], 3),
+                "verdict": common.verdict(ratio, 0.95),
+            }  # fmt: skip
+            rows.append(row)
+            table.append([length, batch, f"{tps['read']:,.0f}", f"{tps['forward']:,.0f}",
+                          f"{tps['forward+head']:,.0f}", f"{ratio:.3f}", row["verdict"]])  # fmt: skip
+            print(table[-1], flush=True)
+
+    worst = min(r["read_over_forward"] for r in rows)
+    result = {
+        "benchmark": "read_throughput", "environment": env, "model": ga.config.base_model,
+        "generator": str(common.GENERATOR.relative_to(common.ROOT)),
+        "adapted_layers": ga.generator.layers, "targets": len(ga.generator.targets),
+        "rounds": reps, "warmup": 1,
+        "baseline": "no-grad decoder body (all layers + final norm, no LM head) over the same "
+                    "chunks and attention mask; 'forward+head' adds the LM head (logits of every position)",
+        "target": "read >= 0.95x forward", "worst_ratio": worst,
+        "verdict": common.verdict(worst, 0.95), "rows": rows,
+    }  # fmt: skip
+    markdown = "\n\n".join([
+        "## Read throughput (tokens/s, median)",
+        common.md_table(["chunk", "batch", "read", "forward (no head)", "forward + LM head",
+                         "read / forward", "target ≥ 0.95"], table),  # fmt: skip
+        f"Worst ratio {worst:.3f}: **{result['verdict']}**. Baseline: {result['baseline']}. "
+        f"Generator: {len(ga.generator.targets)} targets in layers {ga.generator.layers[0]}–"
+        f"{ga.generator.layers[-1]}; {reps} interleaved rounds after 1 warm-up.",
+    ])  # fmt: skip
+
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['chunk_len']}×{r['batch']}" for r in rows]
+    width = 0.27
+    for i, key in enumerate(["read", "forward", "forward+head"]):
+        xs = [j + (i - 1) * width for j in range(len(rows))]
+        ax.bar(xs, [r["tokens_per_s"][key] for r in rows], width, label=key)
+    for j, r in enumerate(rows):
+        ax.annotate(f"{r['read_over_forward']:.2f}×", (j - width, r["tokens_per_s"]["read"]),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set(xlabel="chunk length × chunks per forward", ylabel="tokens / s",
+           title="read vs plain no-grad forward (SmolLM2-135M, CPU)")  # fmt: skip
+    ax.legend()
+    common.write("read_throughput", args.out, result, markdown, fig)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
