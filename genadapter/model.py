@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -327,7 +328,7 @@ class GenerativeAdapter(nn.Module):
                             f"input batch {x.shape[0]} does not match state batch {Mx.shape[0]}"
                         )
                     Mx = Mx.repeat_interleave(x.shape[0] // Mx.shape[0], 0)  # generate's expansion
-                xa = x.to(A.dtype) @ A.T
+                xa = F.linear(x.to(A.dtype), A)  # x A^T
                 if x.dim() == 3 and output.dtype == Mx.dtype:
                     return torch.baddbmm(output, xa, Mx)  # output + (x A^T) M in one kernel
                 return output + (xa @ Mx).to(output.dtype)
@@ -426,15 +427,19 @@ class GenerativeAdapter(nn.Module):
         return texts[0] if single else texts
 
     # --- weights ----------------------------------------------------------------------------
-    def delta_weights(self, state: AdapterState, row: int | None = None) -> dict[str, Tensor]:
-        """{module name: dW (out x in, nn.Linear convention)} for one state row."""
+    def _row_lora(self, state: AdapterState, row: int | None) -> dict[str, tuple[Tensor, Tensor]]:
+        """{module name: (lora_A (1, r, in), lora_B (out, r))} of one state row."""
         self.check_state(state)
         if row is None:
             if state.batch_size != 1:
                 raise ValueError(f"state has {state.batch_size} rows: pass row=")
             row = 0
         one = state.select(row)
-        lora = self.generator.lora_weights(one.S, one.n)
+        return self.generator.lora_weights(one.S, one.n)
+
+    def delta_weights(self, state: AdapterState, row: int | None = None) -> dict[str, Tensor]:
+        """{module name: dW (out x in, nn.Linear convention)} for one state row."""
+        lora = self._row_lora(state, row)
         return {name: self.config.scaling * (B @ A[0]) for name, (A, B) in lora.items()}
 
     @contextlib.contextmanager
@@ -443,15 +448,16 @@ class GenerativeAdapter(nn.Module):
         if self._merged:
             raise RuntimeError("already inside merged()")
         with torch.no_grad():
-            deltas = self.delta_weights(state, row)
+            lora = self._row_lora(state, row)
         saved: dict[str, Tensor] = {}
         try:
             with torch.no_grad():
                 for t in self.generator.targets:
                     weight = self._modules_by_name[t.name].weight
                     saved[t.name] = weight.detach().clone()
-                    dW = deltas[t.name].T if t.transposed else deltas[t.name]  # Conv1D: in x out
-                    weight.add_(dW.to(weight.dtype))
+                    A, B = lora[t.name]
+                    dW = self.config.scaling * (B @ A[0])  # as delta_weights, one at a time
+                    weight.add_((dW.T if t.transposed else dW).to(weight.dtype))  # Conv1D: in x out
             self._merged = True
             yield self
         finally:

@@ -8,6 +8,9 @@ processes) falls on both equally. Figures are medians over the rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import itertools
 import json
 import os
@@ -168,13 +171,24 @@ def peak_rss_mib() -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024
 
 
-def peak_rss_during(fn: Callable[[], Any]) -> dict[str, float | None]:
-    """RSS before `fn` and the peak while it runs (None where the kernel does not allow a reset)."""
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so that RSS shows live memory."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float | None]]:
+    """fn's result, its wall time, the RSS before it and the peak RSS while it ran (MiB; None
+    where the kernel does not allow resetting the peak)."""
+    release_memory()
     before = rss_mib()
     ok = reset_peak_rss()
-    fn()
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
     peak = round(peak_rss_mib(), 1) if ok else None
-    return {"rss_before_mib": round(before, 1), "peak_rss_mib": peak}
+    return result, {"seconds": seconds, "rss_before_mib": round(before, 1), "peak_rss_mib": peak}
 
 
 # --- inputs --------------------------------------------------------------------------------------
