@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "genadapter.training.finetune",
         "instruction tuning of a generator on QA episodes (--config FILE.yaml)",
     ),
+    "export-checkpoint": (
+        "genadapter.training.export",
+        "write a training checkpoint's generator as a from_pretrained folder",
+    ),
     "eval": ("genadapter.eval.cli", "evaluate adaptation methods on an episode file"),
     "make-benchmarks": (
         "genadapter.data.benchmarks.make",

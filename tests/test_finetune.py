@@ -17,6 +17,7 @@ from genadapter.data.episodes import QAEpisode
 from genadapter.eval.prompts import PromptFormat
 from genadapter.training.checkpoint_io import SafetensorsCheckpointIO
 from genadapter.training.cli import build, build_parser
+from genadapter.training.export import export_checkpoint
 from genadapter.training.finetune import GeneratorFinetuning, main
 from genadapter.training.instruct_data import (
     EncodedEpisode,
@@ -186,6 +187,10 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
     resumed, _ = fit(config(tmp_path / "b", tiny_dir, episode_files), "--ckpt_path", str(ckpt))
     for k, v in straight.ga.generator_state_dict().items():
         assert torch.equal(v, resumed.ga.generator_state_dict()[k]), k
+    # a checkpoint on the way exports as a generator folder that from_pretrained loads
+    out = export_checkpoint(ckpt, tmp_path / "exported")
+    loaded = GenerativeAdapter.from_pretrained(out, base_model=str(tiny_dir))
+    assert loaded.generator.fingerprint() == resumed.ga.generator.fingerprint()  # last.ckpt: step 6
     # validation: answer NLL without / with the state / with the context in the prompt, per task
     _, trainer = fit(config(tmp_path / "c", tiny_dir, episode_files, max_steps=1, limit_val_batches=1.0,
                             val_check_interval=1))  # fmt: skip
