@@ -34,3 +34,7 @@ test: assets lint
 
 demo: assets
 	$(BIN)/genadapter demo
+
+# the performance suite (experiments/bench/): full by default, QUICK=1 for ~2 minutes a script
+benchmarks: assets
+	$(BIN)/python experiments/bench/run_all.py $(if $(QUICK),--quick)

@@ -41,6 +41,11 @@ def answer(lm, question: torch.Tensor, past=None) -> dict[str, float]:
     return {"prefill": prefilled - start, "decode_per_token": (end - prefilled) / (NEW_TOKENS - 1)}
 
 
+@torch.no_grad()  # as every inference caller (with grad on, read keeps a graph for training)
+def read(ga, context: torch.Tensor):
+    return ga.read(context[None]) if len(context) else ga.new_state()
+
+
 @torch.no_grad()
 def prefill(lm, context: torch.Tensor):
     """The KV cache of the context (None for no context); the body only, no logits."""
@@ -70,12 +75,10 @@ def main() -> int:
     tokens = common.wiki_tokens(ga.tokenizer, max(sizes) + QUESTION)
     question = tokens[-QUESTION:][None]  # text that follows no context it is asked after
     # ingest, each measured once (after a warm-up): every read first (small chunks), then prefills
-    ga.read(tokens[:256][None]), prefill(lm, tokens[:256])
+    read(ga, tokens[:256]), prefill(lm, tokens[:256])
     states, caches, ingest = {}, {}, {n: {} for n in sizes}
     for n in sizes:
-        states[n], ingest[n]["read"] = common.measured(
-            lambda n=n: ga.read(tokens[:n][None]) if n else ga.new_state()
-        )
+        states[n], ingest[n]["read"] = common.measured(lambda n=n: read(ga, tokens[:n]))
     for n in (n for n in sizes if n <= fits):
         caches[n], ingest[n]["prefill"] = common.measured(lambda n=n: prefill(lm, tokens[:n]))
         assert cache_bytes(caches[n]) == n * kv_per_token
@@ -112,6 +115,10 @@ def main() -> int:
         if n <= fits:
             methods[("prompt", n)] = prompt(n)
     times = common.interleaved(methods, reps)
+    if args.profile:
+        common.profile(
+            {f"{m}@{n}": fn for (m, n), fn in methods.items()}, args.out / "profiles" / "answer.txt"
+        )
     med = {key: {k: common.median(v) for k, v in t.items()} for key, t in times.items()}
 
     # memory while answering: only what one method holds is resident
@@ -181,6 +188,8 @@ def main() -> int:
         "kv_bytes_per_token": kv_per_token, "base_decode_ms_per_token": 1e3 * base_decode,
         "base_answer_s": med[("base", 0)]["total"], "base_peak_rss_mib": memory["base"]["peak_rss_mib"],
         "figures": figures, "verdicts": verdicts, "rows": rows,
+        "targets": [{"figure": name, "value": figures[key], "target": ("≥ " if hi else "≤ ") + f"{t:g}",
+                     "verdict": verdicts[key]} for name, key, t, hi in targets],
         "timings_s": {f"{m}@{n}": t for (m, n), t in times.items()},
     }  # fmt: skip
 

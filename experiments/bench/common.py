@@ -43,6 +43,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds per comparison")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+    p.add_argument("--profile", action="store_true", help="also write torch.profiler op tables")
     return p
 
 
@@ -133,6 +134,21 @@ def interleaved(
             for key, value in {"total": total, **parts}.items():
                 out[name].setdefault(key, []).append(value)
     return out
+
+
+def profile(methods: dict[str, Callable[[], Any]], path: Path, rows: int = 15) -> None:
+    """One call of each method under torch.profiler; the top ops by self CPU time, to a text file."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for name, fn in methods.items():
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+            f.write(f"=== {name}\n{table}\n")
+    print(f"profile: {path}")
 
 
 def median(values: list[float]) -> float:

@@ -44,10 +44,14 @@ def main() -> int:
             def full(ids=ids, mask=mask):
                 lm(input_ids=ids, attention_mask=mask, use_cache=False)
 
-            times = common.interleaved(
-                {"read": lambda ids=ids: ga.read(ids), "forward": body, "forward+head": full},
-                reps,
-            )
+            @torch.no_grad()  # as every inference caller (with grad on, read keeps a graph)
+            def read(ids=ids):
+                ga.read(ids)
+
+            methods = {"read": read, "forward": body, "forward+head": full}
+            times = common.interleaved(methods, reps)
+            if args.profile:
+                common.profile(methods, args.out / "profiles" / f"read_{length}x{batch}.txt")
             tokens = ids.numel()
             tps = {k: tokens / common.median(v["total"]) for k, v in times.items()}
             ratio = tps["read"] / tps["forward"]

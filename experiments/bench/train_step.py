@@ -63,9 +63,10 @@ def main() -> int:
         def frozen(ids=ids, mask=mask):
             chunk_statistics(ga, ids, mask)
 
-        times = common.interleaved(
-            {"pretraining step": step, "forward+backward": plain, "frozen pass": frozen}, reps
-        )
+        methods = {"pretraining step": step, "forward+backward": plain, "frozen pass": frozen}
+        times = common.interleaved(methods, reps)
+        if args.profile:
+            common.profile(methods, args.out / "profiles" / f"train_{D}x{T}x{C}.txt")
         tokens = ids.numel()
         tps = {k: tokens / common.median(v["total"]) for k, v in times.items()}
         ratio = tps["pretraining step"] / tps["forward+backward"]
