@@ -14,7 +14,8 @@ from rich.table import Table
 
 from genadapter.assets import data_dir
 
-DEFAULT_GENERATOR = data_dir().parent / "experiments" / "pretrain" / "smollm2-wiki-generator"
+# instruction-tuned (experiments/finetune) from the self-supervised one (experiments/pretrain)
+DEFAULT_GENERATOR = data_dir().parent / "experiments" / "finetune" / "smollm2-instruct-generator"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -159,3 +159,15 @@ def test_labelled_generators_side_by_side_and_episode_limits_per_file(
     assert results["generator"]["trained"] == dirs["trained"]
     with pytest.raises(ValueError, match="no such label"):
         EvalConfig(data=["x"], methods=["genadapter:missing"], generators=dirs)
+
+
+def test_ttt_over_budget_is_recorded_not_run(qa_file, tmp_path, smollm2_tokenizer):
+    config = EvalConfig(task="qa", data=[qa_file], methods=["base", "ttt-bitfit"], ttt_steps=1, max_new_tokens=2,
+                        method_options={"ttt-bitfit": {"max_context_tokens": 50}})  # fmt: skip
+    results = run_eval(config, tiny_llama(), smollm2_tokenizer, progress=False)
+    status = {(r["method"], r["episode"]): r["status"] for r in results["records"]}
+    assert (
+        status[("ttt-bitfit", "short")] == "ok" and status[("ttt-bitfit", "long")] == "over budget"
+    )
+    assert status[("base", "long")] == "ok"
+    assert summarize(results)["overall"]["ttt-bitfit"]["over_budget"] == 1

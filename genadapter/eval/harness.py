@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from genadapter.assets import DEFAULT_MODEL
 from genadapter.config import strict_from_dict
 from genadapter.data.episodes import read_episodes
-from genadapter.eval.methods import BaseModelChanged, DoesNotFit, Method, make_method
+from genadapter.eval.methods import BaseModelChanged, DoesNotFit, Method, OverBudget, make_method
 from genadapter.eval.metrics import option_accuracy, peak_rss_bytes, reset_peak_rss, squad_scores
 from genadapter.eval.prompts import join_context
 
@@ -211,6 +211,8 @@ def run_eval(
                 rec = evaluate_episode(method, episode, config.task, config.max_questions)
             except DoesNotFit as e:
                 rec = {"status": "does not fit", "reason": str(e)}
+            except OverBudget as e:
+                rec = {"status": "over budget", "reason": str(e)}
             except BaseModelChanged:
                 raise
             except Exception as e:  # one bad pair must not sink the run

@@ -39,6 +39,10 @@ class DoesNotFit(Exception):
     """The prompt (context + question + answer budget) is longer than the model's window."""
 
 
+class OverBudget(Exception):
+    """The context is longer than the method's compute budget (`max_context_tokens`)."""
+
+
 def context_window(model: nn.Module) -> int | None:
     cfg = model.config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -291,10 +295,14 @@ class TTTMethod(Method):
         max_len: int = 512,
         seed: int = 0,
         verify: bool = True,
+        max_context_tokens: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.steps, self.lr, self.max_len, self.seed, self.verify = steps, lr, max_len, seed, verify
+        self.max_context_tokens = (
+            max_context_tokens  # a compute budget: longer contexts are not run
+        )
         self._fingerprint: str | None = None
 
     @abstractmethod
@@ -312,14 +320,16 @@ class TTTMethod(Method):
     def adapt(self, context_texts: list[str]) -> Adapted:
         if self.verify and self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.model)
+        windows = self.context_windows(context_texts)
+        n_tokens = sum(w.shape[1] - 1 for w in windows)
+        if self.max_context_tokens is not None and n_tokens > self.max_context_tokens:
+            raise OverBudget(f"{n_tokens} context tokens > budget {self.max_context_tokens}")
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)  # same fresh init for every episode
         grad_flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
         params, detach = self.attach()
-        windows = self.context_windows(context_texts)
-        n_tokens = sum(w.shape[1] - 1 for w in windows)
         losses = []
         try:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)

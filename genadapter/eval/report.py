@@ -2,7 +2,8 @@
 
 Grouping by context length: each data file is one group (benchmarks ship one file per
 context length); a single file is split into up to `n_bins` equal-count bins of context tokens.
-Only records with status "ok" enter means; "does not fit" and errors are counted separately.
+Only records with status "ok" enter means; "does not fit", "over budget" and errors are counted
+separately.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _summary_row(records: list[dict], task: str) -> dict[str, Any]:
         "episodes": len(records),
         "ok": len(ok),
         "does_not_fit": sum(r["status"] == "does not fit" for r in records),
+        "over_budget": sum(r["status"] == "over budget" for r in records),
         "errors": sum(r["status"] == "error" for r in records),
         "context_tokens": mean(r["context_tokens"] for r in records) if records else None,
     }
@@ -91,8 +93,8 @@ def _fmt(value: Any, key: str) -> str:
 
 def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
     task = results["config"]["task"]
-    cols = ["ok", "does_not_fit", "errors", "context_tokens", *SCORES[task], *COSTS]
-    names = {"ok": "ok", "does_not_fit": "does not fit", "errors": "errors",
+    cols = ["ok", "does_not_fit", "over_budget", "errors", "context_tokens", *SCORES[task], *COSTS]
+    names = {"ok": "ok", "does_not_fit": "does not fit", "over_budget": "over budget", "errors": "errors",
              "context_tokens": "ctx tokens", "nll": "answer NLL", "adapt_seconds": "adapt s",
              "answer_seconds": "answer s", "state_bytes": "state", "kv_cache_bytes": "KV cache",
              "memory_bytes": "state+KV", "peak_rss_bytes": "peak RSS"}  # fmt: skip
