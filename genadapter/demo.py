@@ -14,8 +14,10 @@ from rich.table import Table
 
 from genadapter.assets import data_dir
 
-# instruction-tuned (experiments/finetune) from the self-supervised one (experiments/pretrain)
-DEFAULT_GENERATOR = data_dir().parent / "experiments" / "finetune" / "smollm2-instruct-generator"
+# the instruction-tuned generator (experiments/finetune), else the self-supervised one it started from
+_GENERATORS = [data_dir().parent / "experiments" / "finetune" / "smollm2-instruct-generator",
+               data_dir().parent / "experiments" / "pretrain" / "smollm2-wiki-generator"]  # fmt: skip
+DEFAULT_GENERATOR = next((g for g in _GENERATORS if g.is_dir()), _GENERATORS[-1])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
