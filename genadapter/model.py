@@ -42,7 +42,10 @@ class GenerativeAdapter(nn.Module):
         self.generator = generator
         self.tokenizer = tokenizer
         self.config: GeneratorConfig = generator.config
-        self.chunk_batch_size = 8  # chunks per frozen forward while reading
+        # chunks per frozen forward while reading; None: as many as fit in read_batch_tokens
+        # (about 1K tokens a forward is the fastest on CPU: 128-token chunks 8 at a time)
+        self.chunk_batch_size: int | None = None
+        self.read_batch_tokens = 1024
         self._merged = False
         self._modules_by_name = dict(base_model.named_modules())
         self._layers_name = _decoder_layers(base_model)[0]  # the ModuleList of decoder layers
@@ -278,8 +281,9 @@ class GenerativeAdapter(nn.Module):
         S = {k: s * row_decay[:, None, None] for k, s in state.S.items()}
         n = state.n * row_decay
         pad = 0
-        for start in range(0, len(chunks), self.chunk_batch_size):
-            batch = chunks[start : start + self.chunk_batch_size]
+        per_forward = self.chunk_batch_size or max(1, self.read_batch_tokens // C)
+        for start in range(0, len(chunks), per_forward):
+            batch = chunks[start : start + per_forward]
             length = max(len(p) for _, p, _ in batch)
             ids = torch.full((len(batch), length), pad, dtype=torch.long)
             mask = torch.zeros(len(batch), length, dtype=torch.long)

@@ -65,3 +65,16 @@ def test_side_path_is_x_plus_delta_for_every_batch_shape(arch):
         with torch.no_grad(), ga.merged(state, row=row // 2):
             ref = ga.base_model(x[row : row + 1]).logits
         torch.testing.assert_close(got[row : row + 1], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_per_forward_do_not_change_the_state(arch):
+    ga = make(arch, None)
+    rows = torch.randint(0, VOCAB, (3, 45), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(rows)
+    mask[1, 30:] = 0
+    default = ga.read(rows, attention_mask=mask)  # one forward: 16 chunks of 8 tokens fit 1,024
+    ga.chunk_batch_size = 2
+    two_at_a_time = ga.read(rows, attention_mask=mask)
+    assert torch.equal(default.n, two_at_a_time.n)
+    for k, s in default.S.items():
+        torch.testing.assert_close(s, two_at_a_time.S[k], rtol=1e-5, atol=1e-6)

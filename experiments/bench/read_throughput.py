@@ -1,7 +1,8 @@
 """Read throughput: tokens/s of `ga.read` vs a plain no-grad forward of the base LM, same chunks.
 
 `read` cuts each row into chunks of `chunk_len` tokens and runs the frozen LM over a batch of
-chunks (`chunk_batch_size`, 8), then projects the hidden states into the state. The baseline is
+chunks at a time (here `chunk_batch_size` = the batch), then projects the hidden states into the
+state. The baseline is
 what reading needs from the LM and nothing more: the decoder body (all layers and the final norm,
 **no LM head**) over the same chunks and mask, no grad, no cache. The full model with its LM head
 is timed too, for reference. Chunk lengths 128, 512, 2048; batch 1 and 8 chunks per forward.
@@ -35,6 +36,7 @@ def main() -> int:
             ids = stream[: length * batch].view(batch, length)
             mask = torch.ones_like(ids)
             ga.config.chunk_len = length  # every row is one chunk: one forward of `batch` chunks
+            ga.chunk_batch_size = batch
 
             @torch.no_grad()
             def body(ids=ids, mask=mask):
