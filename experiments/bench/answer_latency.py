@@ -224,7 +224,8 @@ def main() -> int:
         f"that leaves room for the question and the answer in the {window}-token window. "
         f"Ingest (single run, not interleaved): `ga.read` in {ga.config.chunk_len}-token chunks "
         f"vs one prefill of the context into the KV cache. Merged answers include merging and "
-        f"restoring the weights.",
+        f"restoring the weights. At N = 0 the state is empty and genadapter is the base model "
+        f"exactly (no hooks; merging adds zeros).",
         "### Per-token decoding (ms) and question prefill (s)",
         common.md_table(["N", "decode side", "decode merged", "decode prompt",
                          "prefill side", "prefill merged", "prefill prompt"], decode),  # fmt: skip
@@ -257,11 +258,11 @@ def main() -> int:
         )
     for x, r in zip(xs, rows, strict=True):
         if r["prompt"] != "ok":
-            ax1.annotate("prompt:\nimpossible", (x, med[("side", r["context_tokens"])]["total"]),
-                         textcoords="offset points", xytext=(0, 25), ha="center", fontsize=8, color="C2")  # fmt: skip
+            ax1.annotate("× prompt: impossible\n(exceeds the window)", (x, 0.25), xycoords=("data", "axes fraction"),
+                         ha="center", fontsize=8, color="C2")  # fmt: skip
     ax1.axhline(med[("base", 0)]["total"], color="grey", ls=":", label="base, no context")
     ax1.set_xticks(xs, labels, fontsize=8)
-    ax1.set_yscale("log")
+    ax1.set_ylim(bottom=0)
     ax1.set(xlabel="context tokens N", ylabel="answer latency (s)", title="32-token question + 32 new tokens")  # fmt: skip
     ax1.legend(fontsize=8)
     ax2.plot(
@@ -275,6 +276,7 @@ def main() -> int:
         ax2.plot([x for x, *_ in part], [y for _, y, _ in part], ls="--", color="C2", label="KV cache (beyond window)")  # fmt: skip
     ax2.set_xticks(xs, labels, fontsize=8)
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax2.set(xlabel="context tokens N", ylabel="MiB", title="what holds the context")
     ax2.legend(fontsize=8)
     common.write("answer_latency", args.out, result, markdown, fig)
