@@ -56,8 +56,8 @@ def main() -> int:
             + ", ".join(f"[{n}]({n}.md)" for n in SCRIPTS) + ". Regenerate: `python "
             + " ".join(["experiments/bench/run_all.py", *args]) + "`.\n")  # fmt: skip
     (out / "summary.md").write_text(text)
-    if not quick:  # the README's performance block is the summary of the last full run
-        readme = README.read_text()
+    readme = README.read_text()
+    if not quick and START in readme and END in readme:  # the README block: the last full run
         head, rest = readme.split(START, 1)
         marker, _, tail = rest.partition(END)
         block = text.split("\n", 2)[2].strip()  # without the heading
