@@ -1,12 +1,11 @@
 """Read throughput: tokens/s of `ga.read` vs a plain no-grad forward of the base LM, same chunks.
 
-`read` cuts each row into chunks of `chunk_len` tokens and runs the frozen LM over a batch of
-chunks at a time (here `chunk_batch_size` = the batch), then projects the hidden states into the
-state. The baseline is
-what reading needs from the LM and nothing more: the decoder body (all layers and the final norm,
-**no LM head**) over the same chunks and mask, no grad, no cache. The full model with its LM head
-is timed too, for reference. Chunk lengths 128, 512, 2048; batch 1 and 8 chunks per forward.
-Target: read >= 0.95x the body forward.
+`read` cuts each row into chunks of `chunk_len` tokens, runs the frozen LM over a batch of chunks
+at a time (here `chunk_batch_size` = the batch) and projects the hidden states into the state.
+The baseline is what reading needs from the LM and nothing more: the decoder body (all layers and
+the final norm, **no LM head**) over the same chunks and mask, no grad, no cache. The full model
+with its LM head is timed too, for reference. Chunk lengths 128, 512, 2048; batch 1 and 8 chunks
+per forward; both under no grad, as inference callers read. Target: read >= 0.95x the body forward.
 
     python experiments/bench/read_throughput.py           # full
     python experiments/bench/read_throughput.py --quick   # chunks 128 and 512, 3 rounds
