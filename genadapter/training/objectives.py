@@ -78,7 +78,11 @@ def target_state(
 
 def token_losses(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row summed next-token loss and token count over positions whose target is real."""
-    logp = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none")
+    R, L, V = logits.shape  # flat (rows*positions, vocab) is the fast layout for cross_entropy
+    logp = F.cross_entropy(
+        logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), reduction="none"
+    )
+    logp = logp.view(R, L - 1)
     m = mask[:, 1:].to(logp.dtype)
     return (logp * m).sum(1), m.sum(1)
 
