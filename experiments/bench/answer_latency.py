@@ -181,10 +181,9 @@ def main() -> int:
     ]  # fmt: skip
     verdicts = {key: common.verdict(figures[key], t, hi) for _, key, t, hi in targets}
     result = {
-        "benchmark": "answer_latency", "environment": env, "model": ga.config.base_model,
-        "generator": str(common.GENERATOR.relative_to(common.ROOT)), "chunk_len": ga.config.chunk_len,
+        **common.header("answer_latency", env, ga, reps), "chunk_len": ga.config.chunk_len,
         "question_tokens": QUESTION, "new_tokens": NEW_TOKENS, "window": window,
-        "context_sizes": sizes, "rounds": reps, "warmup": 1,
+        "context_sizes": sizes,
         "kv_bytes_per_token": kv_per_token, "base_decode_ms_per_token": 1e3 * base_decode,
         "base_answer_s": med[("base", 0)]["total"], "base_peak_rss_mib": memory["base"]["peak_rss_mib"],
         "figures": figures, "verdicts": verdicts, "rows": rows,

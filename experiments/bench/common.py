@@ -136,6 +136,16 @@ def interleaved(
     return out
 
 
+def throughput(
+    methods: dict[str, Callable[[], Any]], reps: int, tokens: int, profile_to: Path | None = None
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """`interleaved` timings and tokens/s from their medians; a torch.profiler table on request."""
+    times = interleaved(methods, reps)
+    if profile_to is not None:
+        profile(methods, profile_to)
+    return times, {k: tokens / median(v["total"]) for k, v in times.items()}
+
+
 def profile(methods: dict[str, Callable[[], Any]], path: Path, rows: int = 15) -> None:
     """One call of each method under torch.profiler; the top ops by self CPU time, to a text file."""
     from torch.profiler import ProfilerActivity
@@ -260,6 +270,30 @@ def write(name: str, out: Path, result: dict[str, Any], markdown: str, figure) -
     figure.savefig(out / f"{name}.png", dpi=120)
     print(markdown)
     print(f"wrote {out / name}.json, .md, .png")
+
+
+def header(name: str, env: dict[str, Any], ga, reps: int) -> dict[str, Any]:
+    """The fields every result JSON opens with: what ran, on what, how often."""
+    return {"benchmark": name, "environment": env, "model": ga.config.base_model,
+            "generator": str(GENERATOR.relative_to(ROOT)), "adapted_layers": ga.generator.layers,
+            "targets": len(ga.generator.targets), "rounds": reps, "warmup": 1}  # fmt: skip
+
+
+def grouped_bars(rows: list[dict], keys: list[str], ratio_key: str, labels: list[str], **axis):
+    """Tokens/s of `keys` per row as grouped bars, the first key's bar labelled with its ratio."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.27
+    for i, key in enumerate(keys):
+        xs = [j + (i - 1) * width for j in range(len(rows))]
+        ax.bar(xs, [r["tokens_per_s"][key] for r in rows], width, label=key)
+    for j, r in enumerate(rows):
+        ax.annotate(f"{r[ratio_key]:.2f}×", (j - width, r["tokens_per_s"][keys[0]]),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set(**axis)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def pyplot():

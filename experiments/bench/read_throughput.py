@@ -50,11 +50,9 @@ def main() -> int:
                 ga.read(ids)
 
             methods = {"read": read, "forward": body, "forward+head": full}
-            times = common.interleaved(methods, reps)
-            if args.profile:
-                common.profile(methods, args.out / "profiles" / f"read_{length}x{batch}.txt")
             tokens = ids.numel()
-            tps = {k: tokens / common.median(v["total"]) for k, v in times.items()}
+            prof = args.out / "profiles" / f"read_{length}x{batch}.txt" if args.profile else None
+            times, tps = common.throughput(methods, reps, tokens, prof)
             ratio = tps["read"] / tps["forward"]
             row = {
                 "chunk_len": length, "batch": batch, "tokens": tokens,
@@ -71,10 +69,7 @@ def main() -> int:
 
     worst = min(r["read_over_forward"] for r in rows)
     result = {
-        "benchmark": "read_throughput", "environment": env, "model": ga.config.base_model,
-        "generator": str(common.GENERATOR.relative_to(common.ROOT)),
-        "adapted_layers": ga.generator.layers, "targets": len(ga.generator.targets),
-        "rounds": reps, "warmup": 1,
+        **common.header("read_throughput", env, ga, reps),
         "baseline": "no-grad decoder body (all layers + final norm, no LM head) over the same "
                     "chunks and attention mask; 'forward+head' adds the LM head (logits of every position)",
         "target": "read >= 0.95x forward", "worst_ratio": worst,
@@ -89,20 +84,11 @@ def main() -> int:
         f"{ga.generator.layers[-1]}; {reps} interleaved rounds after 1 warm-up.",
     ])  # fmt: skip
 
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['chunk_len']}×{r['batch']}" for r in rows]
-    width = 0.27
-    for i, key in enumerate(["read", "forward", "forward+head"]):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        ax.bar(xs, [r["tokens_per_s"][key] for r in rows], width, label=key)
-    for j, r in enumerate(rows):
-        ax.annotate(f"{r['read_over_forward']:.2f}×", (j - width, r["tokens_per_s"]["read"]),
-                    ha="center", va="bottom", fontsize=8)  # fmt: skip
-    ax.set_xticks(range(len(rows)), labels)
-    ax.set(xlabel="chunk length × chunks per forward", ylabel="tokens / s",
-           title="read vs plain no-grad forward (SmolLM2-135M, CPU)")  # fmt: skip
-    ax.legend()
+    fig = common.grouped_bars(
+        rows, ["read", "forward", "forward+head"], "read_over_forward",
+        [f"{r['chunk_len']}×{r['batch']}" for r in rows], xlabel="chunk length × chunks per forward",
+        ylabel="tokens / s", title="read vs plain no-grad forward (SmolLM2-135M, CPU)",
+    )  # fmt: skip
     common.write("read_throughput", args.out, result, markdown, fig)
     return 0
 

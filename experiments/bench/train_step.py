@@ -64,11 +64,9 @@ def main() -> int:
             chunk_statistics(ga, ids, mask)
 
         methods = {"pretraining step": step, "forward+backward": plain, "frozen pass": frozen}
-        times = common.interleaved(methods, reps)
-        if args.profile:
-            common.profile(methods, args.out / "profiles" / f"train_{D}x{T}x{C}.txt")
         tokens = ids.numel()
-        tps = {k: tokens / common.median(v["total"]) for k, v in times.items()}
+        prof = args.out / "profiles" / f"train_{D}x{T}x{C}.txt" if args.profile else None
+        times, tps = common.throughput(methods, reps, tokens, prof)
         ratio = tps["pretraining step"] / tps["forward+backward"]
         row = {
             "chunk_len": C, "chunks_per_doc": T, "documents": D, "targets_per_doc": per_doc,
@@ -87,10 +85,7 @@ def main() -> int:
 
     worst = min(r["step_over_plain"] for r in rows)
     result = {
-        "benchmark": "train_step", "environment": env, "model": ga.config.base_model,
-        "generator": str(common.GENERATOR.relative_to(common.ROOT)),
-        "adapted_layers": ga.generator.layers, "targets": len(ga.generator.targets),
-        "rounds": reps, "warmup": 1, "worst_ratio": worst, "verdict": common.verdict(worst, 0.7),
+        **common.header("train_step", env, ga, reps), "worst_ratio": worst, "verdict": common.verdict(worst, 0.7),
         "counted": "context tokens of the batch (documents x chunks x chunk_len), the same for both",
         "pretraining_step": "pretrain_losses (completion_weight 0.5) + backward + AdamW step, no Lightning",
         "baseline": "frozen LM incl. LM head over the same chunks, next-token loss, backward to the "
@@ -110,19 +105,12 @@ def main() -> int:
         f"{reps} interleaved rounds after 1 warm-up.",
     ])  # fmt: skip
 
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.27
-    for i, key in enumerate(["pretraining step", "forward+backward", "frozen pass"]):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
-        ax.bar(xs, [r["tokens_per_s"][key] for r in rows], width, label=key)
-    for j, r in enumerate(rows):
-        ax.annotate(f"{r['step_over_plain']:.2f}×", (j - width, r["tokens_per_s"]["pretraining step"]),
-                    ha="center", va="bottom", fontsize=8)  # fmt: skip
-    ax.set_xticks(range(len(rows)), [f"{r['documents']}×{r['chunks_per_doc']}×{r['chunk_len']}" for r in rows])  # fmt: skip
-    ax.set(xlabel="batch: documents × chunks × chunk length", ylabel="context tokens / s",
-           title="pretraining step vs plain forward+backward (SmolLM2-135M, CPU)")  # fmt: skip
-    ax.legend(fontsize=8)
+    fig = common.grouped_bars(
+        rows, ["pretraining step", "forward+backward", "frozen pass"], "step_over_plain",
+        [f"{r['documents']}×{r['chunks_per_doc']}×{r['chunk_len']}" for r in rows],
+        xlabel="batch: documents × chunks × chunk length", ylabel="context tokens / s",
+        title="pretraining step vs plain forward+backward (SmolLM2-135M, CPU)",
+    )  # fmt: skip
     common.write("train_step", args.out, result, markdown, fig)
     return 0
 
