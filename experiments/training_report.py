@@ -32,12 +32,14 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def main(run_dir: str, out_prefix: str, after: str | None = None) -> dict:
     rows = read_rows(Path(run_dir) / "csv" / "metrics.csv")
+    boundary = None  # the step where the continuation starts
     if after:  # a continuation run: its steps follow the earlier run's
         earlier = read_rows(Path(after))
         offset = max(int(r["step"]) for r in earlier if r.get("step")) + 1
         if min(int(r["step"]) for r in rows if r.get("step")) >= offset:
             offset = 0  # a resumed run (--ckpt_path) already counts on from the earlier steps
         rows = earlier + [{**r, "step": str(int(r["step"]) + offset)} for r in rows]
+        boundary = min(int(r["step"]) for r in rows[len(earlier) :] if r.get("step"))
     out = Path(out_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -46,7 +48,9 @@ def main(run_dir: str, out_prefix: str, after: str | None = None) -> dict:
         writer.writeheader()
         writer.writerows(rows)
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    gaps = [k for k in keys if k.startswith("val/") and k.endswith("/gap_closed")]
+    fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(11 if gaps else 6, 4), squeeze=False)
+    ax1, ax2 = axes[0][0], axes[0][-1]
     for key in (k for k in keys if k.startswith("train/") and ("loss" in k)):
         x, y = series(rows, key)
         if x:
@@ -54,7 +58,7 @@ def main(run_dir: str, out_prefix: str, after: str | None = None) -> dict:
     ax1.set(xlabel="step", ylabel="train loss (nats/token)", title="training loss (adapted)")
     ax1.legend()
     final: dict = {}
-    for key in (k for k in keys if k.startswith("val/") and k.endswith("/gap_closed")):
+    for key in gaps:
         name = key.removeprefix("val/").removesuffix("/gap_closed")
         x, y = series(rows, key)
         ax2.plot(x, y, marker="o", label=name)
@@ -62,14 +66,14 @@ def main(run_dir: str, out_prefix: str, after: str | None = None) -> dict:
             _, v = series(rows, f"val/{name}/{what}")
             if v:
                 final[f"{name}/{what}"] = v[-1]
-    if after:
-        ax2.axvline(offset, color="grey", ls="--", lw=0.8)
-        ax1.axvline(offset, color="grey", ls="--", lw=0.8)
-    ax2.axhline(0, color="grey", lw=0.5)
-    ax2.set(
-        xlabel="step", ylabel="gap closed", title="held-out: (base − adapted) / (base − prompt)"
-    )
-    ax2.legend()
+    for ax in {ax1, ax2} if boundary else ():
+        ax.axvline(boundary, color="grey", ls="--", lw=0.8)
+    if gaps:
+        ax2.axhline(0, color="grey", lw=0.5)
+        ax2.set(
+            xlabel="step", ylabel="gap closed", title="held-out: (base − adapted) / (base − prompt)"
+        )
+        ax2.legend()
     fig.tight_layout()
     fig.savefig(f"{out}.png", dpi=120)
     steps = [int(r["step"]) for r in rows if r.get("step")]
