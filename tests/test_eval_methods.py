@@ -177,3 +177,22 @@ def test_bottleneck_adapter_starts_as_identity(arch):
         assert torch.equal(model(ids).logits, ref)
     names = [n for n, _ in sublayers(model)]
     assert all(n.rsplit(".", 1)[-1] in ("self_attn", "attn", "mlp") for n in names)
+
+
+def test_genadapter_control_reads_unrelated_text_of_the_same_length(smollm2_tokenizer):
+    ga = GenerativeAdapter.from_base(
+        tiny_llama(), GeneratorConfig(r=4, r_in=4, chunk_len=16), smollm2_tokenizer
+    )
+    control = make_method("genadapter", ga.base_model, smollm2_tokenizer, ga=ga, control=True)
+    n_context = sum(len(smollm2_tokenizer(t).input_ids) for t in CONTEXT)
+    texts = control.unrelated_texts(CONTEXT)
+    lengths = [len(smollm2_tokenizer(t).input_ids) for t in texts]
+    assert sum(lengths) >= n_context > sum(lengths[:-1])  # just enough unrelated text
+    assert not set(texts) & set(CONTEXT)
+    with control.adapt(CONTEXT) as handle:
+        state = handle.lm.state
+    expected = ga.read(texts[0])
+    for t in texts[1:]:
+        expected = ga.read(t, expected)
+    for k in state.S:
+        torch.testing.assert_close(state.S[k], expected.S[k])

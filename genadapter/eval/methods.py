@@ -251,11 +251,32 @@ class GenAdapterMethod(Method):
 
     name = "genadapter"
 
-    def __init__(self, ga, fmt: PromptFormat | None = None, max_new_tokens: int = 24) -> None:
+    def __init__(self, ga, fmt: PromptFormat | None = None, max_new_tokens: int = 24,
+                 control: bool = False) -> None:  # fmt: skip
         super().__init__(ga.base_model, ga.tokenizer, fmt, max_new_tokens)
         self.ga = ga
+        # control: read unrelated text of the same length instead of the context, so what is
+        # left of the score is answer format, not knowledge from the context
+        self.control = control
+
+    def unrelated_texts(self, context_texts: list[str]) -> list[str]:
+        """Wikipedia summaries (a fixed order) up to the context's token count."""
+        from genadapter.assets import load_wiki_summaries
+
+        budget = sum(
+            len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in context_texts
+        )
+        texts = []
+        for row in load_wiki_summaries():
+            if budget <= 0:
+                break
+            texts.append(f"{row['title']}: {row['extract']}")
+            budget -= len(self.tokenizer(texts[-1], add_special_tokens=False).input_ids)
+        return texts
 
     def adapt(self, context_texts: list[str]) -> Adapted:
+        if self.control:
+            context_texts = self.unrelated_texts(context_texts)
         t0 = time.perf_counter()
         state = self.ga.new_state(batch_size=1)
         with torch.no_grad():
