@@ -161,7 +161,7 @@ def test_tiny_model_learns_qa_through_the_state():
     )
     opt = torch.optim.AdamW(ga.generator.parameters(), lr=0.01)
     rng = random.Random(0)
-    for _ in range(300):  # a plateau at chance (format learnt) comes first, then injection
+    for _ in range(400):  # a plateau at chance (format learnt) comes first, then injection
         loss = answer_losses(ga, batch([episode(rng) for _ in range(16)]))["loss"]
         opt.zero_grad()
         loss.backward()
