@@ -15,8 +15,9 @@ from rich.table import Table
 from genadapter.assets import data_dir
 
 # the instruction-tuned generator (experiments/finetune), else the self-supervised one it started from
-_GENERATORS = [data_dir().parent / "experiments" / "finetune" / "smollm2-instruct-generator",
-               data_dir().parent / "experiments" / "pretrain" / "smollm2-wiki-generator"]  # fmt: skip
+_EXPERIMENTS = data_dir().parent / "experiments"
+_GENERATORS = [_EXPERIMENTS / "finetune" / "smollm2-instruct-generator",
+               _EXPERIMENTS / "pretrain" / "smollm2-wiki-generator"]  # fmt: skip
 DEFAULT_GENERATOR = next((g for g in _GENERATORS if g.is_dir()), _GENERATORS[-1])
 
 

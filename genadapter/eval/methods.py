@@ -321,9 +321,8 @@ class TTTMethod(Method):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.steps, self.lr, self.max_len, self.seed, self.verify = steps, lr, max_len, seed, verify
-        self.max_context_tokens = (
-            max_context_tokens  # a compute budget: longer contexts are not run
-        )
+        # a compute budget: longer contexts are recorded as over budget, not run
+        self.max_context_tokens = max_context_tokens
         self._fingerprint: str | None = None
 
     @abstractmethod

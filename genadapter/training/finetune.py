@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from genadapter.training.module import GeneratorPretraining
-from genadapter.training.objectives import answer_losses, pretrain_losses, token_losses
+from genadapter.training.objectives import answer_losses, pretrain_losses, row_losses
 
 
 class GeneratorFinetuning(GeneratorPretraining):
@@ -42,27 +42,21 @@ class GeneratorFinetuning(GeneratorPretraining):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = answer_losses(self.ga, batch, with_base=True)
         n_tok = batch["loss_mask"][:, 1:].sum(1).to(out["row_loss"])
-        prompt_loss = None
-        if len(batch.get("prompt_rows", [])):
-            ids = batch["prompt_input_ids"].to(self.device)
-            attn = batch["prompt_attention_mask"].to(self.device)
-            logits = self.ga.base_model(input_ids=ids, attention_mask=attn).logits
-            s, n = token_losses(logits, ids, batch["prompt_loss_mask"].to(self.device))
-            prompt_loss = s / n.clamp(min=1)
-        # gap_closed compares the three on the same rows: those whose prompt fits the window
-        fits = torch.zeros_like(n_tok, dtype=torch.bool)
-        if prompt_loss is not None:
-            fits[batch["prompt_rows"].to(self.device)] = True
-        for t in batch["row_task"].unique().tolist():
-            rows = (batch["row_task"] == t).to(self.device) & fits
-            if not rows.any():
-                continue
-            task, w = self._task(t), n_tok[rows].sum()
-            prompt_sel = rows[batch["prompt_rows"].to(self.device)]
-            for what, losses in (("adapted", out["row_loss"][rows]), ("base", out["row_loss_base"][rows]),
-                                 ("prompt", prompt_loss[prompt_sel])):  # fmt: skip
-                weights = n_tok[rows]
-                self._accumulate(f"{task}/loss_{what}", (losses * weights).sum() / w, w)
+        prompt_rows = batch.get("prompt_rows", torch.zeros(0, dtype=torch.long)).to(self.device)
+        if not len(prompt_rows):
+            return  # gap_closed compares the three on the same rows: those whose prompt fits
+        s, n = row_losses(self.ga.base_model, *(batch[f"prompt_{k}"].to(self.device)
+                                                for k in ("input_ids", "attention_mask", "loss_mask")))  # fmt: skip
+        losses = {"adapted": out["row_loss"][prompt_rows], "base": out["row_loss_base"][prompt_rows],
+                  "prompt": s / n.clamp(min=1)}  # fmt: skip
+        tasks, weights = batch["row_task"].to(self.device)[prompt_rows], n_tok[prompt_rows]
+        for t in tasks.unique().tolist():
+            sel = tasks == t
+            w = weights[sel].sum()
+            for what, loss in losses.items():
+                self._accumulate(
+                    f"{self._task(t)}/loss_{what}", (loss[sel] * weights[sel]).sum() / w, w
+                )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,14 @@ def token_losses(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, 
     return (logp * m).sum(1), m.sum(1)
 
 
+def row_losses(
+    model, ids: Tensor, attention_mask: Tensor, target_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`token_losses` of `model` run on right-padded rows, scoring the tokens of `target_mask`."""
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits
+    return token_losses(logits, ids, target_mask)
+
+
 def pretrain_losses(
     ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor, per_doc: int, completion_weight: float,
     generator: torch.Generator, with_base: bool = False, with_prompt: bool = False, max_prompt_len: int | None = None,
@@ -99,8 +107,7 @@ def pretrain_losses(
     rows_mask = mask[t.doc.to(ga.device), t.chunk.to(ga.device)]
     state = target_state(ga, stats, counts, t)
     with ga.adapted(state):
-        logits = ga.base_model(input_ids=rows_ids, attention_mask=rows_mask).logits
-    loss_sum, n_tok = token_losses(logits, rows_ids, rows_mask)
+        loss_sum, n_tok = row_losses(ga.base_model, rows_ids, rows_mask, rows_mask)
     out: dict[str, Tensor] = {}
     comp = t.completion.to(ga.device)
     parts = {"completion": comp, "reconstruction": ~comp}
@@ -112,11 +119,7 @@ def pretrain_losses(
     out["loss"] = sum(w[k] * out[f"{k}/loss_adapted"] for k in parts if f"{k}/loss_adapted" in out)
     if with_base:
         with torch.no_grad():
-            base_sum, _ = token_losses(
-                ga.base_model(input_ids=rows_ids, attention_mask=rows_mask).logits,
-                rows_ids,
-                rows_mask,
-            )
+            base_sum, _ = row_losses(ga.base_model, rows_ids, rows_mask, rows_mask)
         for key, sel in parts.items():
             if sel.any():
                 out[f"{key}/loss_base"] = base_sum[sel].sum() / n_tok[sel].sum().clamp(min=1)
@@ -155,10 +158,7 @@ def prompt_losses(
     # score exactly the target tokens the other losses score (the first one has no in-chunk history)
     first = tgt.argmax(1)
     tgt[torch.arange(len(seqs)), first] = 0
-    logp = F.cross_entropy(ga.base_model(input_ids=ids, attention_mask=attn).logits[:, :-1].transpose(1, 2).float(),
-                           ids[:, 1:], reduction="none")  # fmt: skip
-    m = tgt[:, 1:].to(logp.dtype)
-    loss_sum, n_tok = (logp * m).sum(1), m.sum(1)
+    loss_sum, n_tok = row_losses(ga.base_model, ids, attn, tgt)
     comp = t.completion[keep].to(ga.device)
     for key, sel in {"completion": comp, "reconstruction": ~comp}.items():
         if sel.any():
@@ -195,15 +195,11 @@ def answer_losses(
     ids, attn = batch["input_ids"].to(ga.device), batch["attention_mask"].to(ga.device)
     target = batch["loss_mask"].to(ga.device)
     with ga.adapted(episode_state(ga, stats, counts, batch["row_episode"])):
-        loss_sum, n_tok = token_losses(
-            ga.base_model(input_ids=ids, attention_mask=attn).logits, ids, target
-        )
+        loss_sum, n_tok = row_losses(ga.base_model, ids, attn, target)
     out = {"loss": loss_sum.sum() / n_tok.sum().clamp(min=1), "tokens": n_tok.sum()}
     out["row_loss"] = loss_sum / n_tok.clamp(min=1)
     if with_base:
         with torch.no_grad():
-            base_sum, _ = token_losses(
-                ga.base_model(input_ids=ids, attention_mask=attn).logits, ids, target
-            )
+            base_sum, _ = row_losses(ga.base_model, ids, attn, target)
         out["row_loss_base"] = base_sum / n_tok.clamp(min=1)
     return out
