@@ -192,9 +192,13 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
     loaded = GenerativeAdapter.from_pretrained(out, base_model=str(tiny_dir))
     assert loaded.generator.fingerprint() == resumed.ga.generator.fingerprint()  # last.ckpt: step 6
     # validation: answer NLL without / with the state / with the context in the prompt, per task
-    _, trainer = fit(config(tmp_path / "c", tiny_dir, episode_files, max_steps=1, limit_val_batches=1.0,
-                            val_check_interval=1))  # fmt: skip
+    model, trainer = fit(config(tmp_path / "c", tiny_dir, episode_files, max_steps=1, limit_val_batches=1.0,
+                                val_check_interval=1))  # fmt: skip
     m = trainer.callback_metrics
+    cached = trainer.validate(model, datamodule=trainer.datamodule, verbose=False)[0]
+    model._references.clear()  # the frozen base's losses, kept since the first validation
+    fresh = trainer.validate(model, datamodule=trainer.datamodule, verbose=False)[0]
+    assert cached.keys() == fresh.keys() and cached == pytest.approx(fresh, rel=1e-6)
     for task in (
         f"{episode_files['qa'].parent.name}/qa",
         f"{episode_files['qa'].parent.name}/demo",

@@ -127,6 +127,12 @@ def test_reconstruction_learns_a_memorisable_corpus(tmp_path, tiny_dir, corpus_f
     metrics_csv = Path(tmp_path / "run" / "csv" / "metrics.csv").read_text()
     assert "val/reconstruction/loss_adapted" in metrics_csv and "train/loss" in metrics_csv
     assert (tmp_path / "run" / "tb").is_dir()
+    # later validations reuse the frozen base's losses: the same figures as computing them afresh
+    cached = trainer.validate(model, datamodule=trainer.datamodule, verbose=False)[0]
+    assert model._references
+    model._references.clear()
+    fresh = trainer.validate(model, datamodule=trainer.datamodule, verbose=False)[0]
+    assert cached.keys() == fresh.keys() and cached == pytest.approx(fresh, rel=1e-6)
 
 
 def test_gap_closed():

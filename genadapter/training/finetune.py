@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from genadapter.training.module import GeneratorPretraining
+from genadapter.training.module import GeneratorPretraining, batch_key
 from genadapter.training.objectives import answer_losses, pretrain_losses, row_losses
 
 
@@ -40,15 +40,21 @@ class GeneratorFinetuning(GeneratorPretraining):
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = answer_losses(self.ga, batch, with_base=True)
-        n_tok = batch["loss_mask"][:, 1:].sum(1).to(out["row_loss"])
         prompt_rows = batch.get("prompt_rows", torch.zeros(0, dtype=torch.long)).to(self.device)
         if not len(prompt_rows):
             return  # gap_closed compares the three on the same rows: those whose prompt fits
-        s, n = row_losses(self.ga.base_model, *(batch[f"prompt_{k}"].to(self.device)
-                                                for k in ("input_ids", "attention_mask", "loss_mask")))  # fmt: skip
-        losses = {"adapted": out["row_loss"][prompt_rows], "base": out["row_loss_base"][prompt_rows],
-                  "prompt": s / n.clamp(min=1)}  # fmt: skip
+        key = batch_key(batch, batch_idx)
+        first = key not in self._references  # the frozen base's losses: computed once per batch
+        out = answer_losses(self.ga, batch, with_base=first)
+        if first:
+            s, n = row_losses(self.ga.base_model, *(batch[f"prompt_{k}"].to(self.device)
+                                                    for k in ("input_ids", "attention_mask", "loss_mask")))  # fmt: skip
+            self._references[key] = {
+                "base": out["row_loss_base"][prompt_rows],
+                "prompt": s / n.clamp(min=1),
+            }
+        n_tok = batch["loss_mask"][:, 1:].sum(1).to(out["row_loss"])
+        losses = {"adapted": out["row_loss"][prompt_rows], **self._references[key]}
         tasks, weights = batch["row_task"].to(self.device)[prompt_rows], n_tok[prompt_rows]
         for t in tasks.unique().tolist():
             sel = tasks == t

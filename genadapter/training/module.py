@@ -21,6 +21,19 @@ from genadapter.model import GenerativeAdapter
 from genadapter.training.objectives import pretrain_losses
 
 OBJECTIVES = ("completion", "reconstruction")
+# Losses of the frozen base alone: they never change during training, so every validation
+# batch computes them once (the first time it is seen) and later validations reuse them.
+REFERENCE_KEYS = ("/loss_base", "/loss_prompt", "/prompt_rows")
+
+
+def batch_key(batch: dict[str, torch.Tensor], batch_idx: int) -> str:
+    """A digest of a batch's tensors (and index): the same batch always gives the same key."""
+    digest = hashlib.sha256(str(batch_idx).encode())
+    for name in sorted(batch):
+        value = batch[name]
+        if isinstance(value, torch.Tensor):
+            digest.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def gap_closed(base: float, adapted: float, prompt: float) -> float | None:
@@ -72,6 +85,7 @@ class GeneratorPretraining(L.LightningModule):
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
         self.tokenizer_name = base_model
         self._val_sums: dict[str, torch.Tensor] = {}
+        self._references: dict[str, dict[str, torch.Tensor]] = {}  # see `_frozen_reference`
         self._batch_hashes: list[str] = []  # what this rank trained on, for the audit file
 
     # only the generator is state: the frozen LM is rebuilt from its name
@@ -119,10 +133,15 @@ class GeneratorPretraining(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         h = self.hparams
+        key = batch_key(batch, batch_idx)
+        first = key not in self._references
         out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
                               0.5,  # validation always measures both objectives
-                              torch.Generator().manual_seed(h.seed + batch_idx), with_base=True, with_prompt=True,
+                              torch.Generator().manual_seed(h.seed + batch_idx), with_base=first, with_prompt=first,
                               max_prompt_len=h.max_prompt_len or self._window())  # fmt: skip
+        if first:
+            self._references[key] = {k: v for k, v in out.items() if k.endswith(REFERENCE_KEYS)}
+        out.update(self._references[key])
         for key, value in out.items():
             if key == "loss" or key.endswith("/tokens") or key.endswith("/prompt_rows"):
                 continue
