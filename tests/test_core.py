@@ -9,6 +9,7 @@ import torch
 from conftest import VOCAB, randomize_generator, tiny_model
 
 from genadapter import AdapterState, GenerativeAdapter, GeneratorConfig, StateMismatchError
+from genadapter.generator import PolarFactor, normalize_state
 
 
 def make(arch: str, seed: int = 0, random: bool = True, **cfg) -> GenerativeAdapter:
@@ -169,6 +170,26 @@ def test_reading_twice_gives_same_deltas(norm):
     twice = ga.delta_weights(ga.read(doc, ga.read(doc)))
     for k in once:
         torch.testing.assert_close(twice[k], once[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 6), (2, 9, 4), (2, 4, 9)])
+def test_svd_normalization_gradient(shape):
+    """N(S) = U V^T: its custom backward matches finite differences (float64, square / tall /
+    wide) and stays finite where autograd through torch.linalg.svd gives NaN."""
+    S = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(PolarFactor.apply, (S,))
+    U, _, Vh = torch.linalg.svd(S.detach(), full_matrices=False)
+    torch.testing.assert_close(PolarFactor.apply(S), U @ Vh)
+    k, v = torch.randn(1, shape[1], 1), torch.randn(1, 1, shape[2])
+    for deficient in (k @ v, torch.eye(*shape[1:])[None]):  # rank 1; all singular values equal
+        grad = torch.randn_like(deficient)
+        ours = deficient.clone().requires_grad_()
+        (normalize_state(ours, torch.ones(1), "svd") * grad).sum().backward()
+        assert ours.grad.isfinite().all()
+    plain = torch.eye(*shape[1:])[None].requires_grad_()
+    U, _, Vh = torch.linalg.svd(plain, full_matrices=False)
+    ((U @ Vh) * torch.randn_like(plain)).sum().backward()
+    assert not plain.grad.isfinite().all()  # the failure the custom backward exists for
 
 
 def test_none_normalization_is_mean():
