@@ -214,3 +214,6 @@ def test_cut_document_and_bad_config(tmp_path, tiny_dir, corpus_file):
     bad.write_text("model:\n  no_such_option: 1\n")
     with pytest.raises(Exception, match="no_such_option"):
         build_parser().parse_args(["--config", str(bad)])
+    mismatched = config(tmp_path, tiny_dir, corpus_file, data__chunk_len=8)
+    with pytest.raises(ValueError, match="chunk_len"):
+        build(build_parser().parse_args(["--config", str(mismatched)]))

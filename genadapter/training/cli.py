@@ -56,6 +56,11 @@ def build(cfg, model_class: type = GeneratorPretraining, data_class: type = Pret
     if data_kw.get("tokenizer") is None:
         data_kw["tokenizer"] = model.tokenizer_name
     data = data_class(**data_kw)
+    if data.hparams.chunk_len != model.ga.config.chunk_len:  # trained chunks must be read chunks
+        raise ValueError(
+            f"data.chunk_len ({data.hparams.chunk_len}) differs from the generator's chunk_len "
+            f"({model.ga.config.chunk_len}), the length `read` cuts context into: set them equal"
+        )
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", **cfg.checkpoint.as_dict())
     trainer = L.Trainer(
         **cfg.trainer.as_dict(),
