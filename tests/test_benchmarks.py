@@ -81,6 +81,25 @@ def test_facts_answerable(facts_splits):
                 assert all(ans in text_of(ep) for ans in qa.answers), (qa, ep.id)
 
 
+def test_facts_answer_options(facts_splits, monkeypatch):
+    read_distractors = 0
+    for eps in facts_splits.values():
+        for ep in eps:
+            for qa in ep.qas:
+                assert len(set(qa.options)) == facts.N_OPTIONS and qa.answers[0] in qa.options
+                others = [o for o in qa.options if o != qa.answers[0]]
+                read_distractors += any(o in text_of(ep) for o in others)
+    assert read_distractors > 0  # same-type values of other entities in the context are among them
+    # the candidates come from their own generator: episodes are the same without them
+    with_options = make_facts("train", 20, seed=3)
+    monkeypatch.setattr(facts, "answer_options", lambda *args, **kwargs: None)
+    without = make_facts("train", 20, seed=3)
+    for a, b in zip(with_options, without, strict=True):
+        assert a.context == b.context and [(q.question, q.answers) for q in a.qas] == [
+            (q.question, q.answers) for q in b.qas
+        ]
+
+
 def _match_question(question: str, split: str):
     """(attribute, entity) of a question, matched against the split's question templates."""
     for a in facts.ATTRIBUTES:

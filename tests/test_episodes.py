@@ -24,8 +24,9 @@ def qa_ep(i: int = 0) -> QAEpisode:
     return QAEpisode(
         f"qa-{i}",
         ["Zorbil Quanto was born in Lyon.", "Café Émile — ünïcode ✓"],
-        [QA("Where was Zorbil Quanto born?", ["Lyon"])],
-    )
+        [QA("Where was Zorbil Quanto born?", ["Lyon"]),
+         QA("Where is the café?", ["Paris"], options=["Rome", "Paris", "Lyon"])],
+    )  # fmt: skip
 
 
 def demo_ep(i: int = 0) -> DemoEpisode:
@@ -71,8 +72,9 @@ def test_json_layout():
     assert qa_ep().to_json() == {
         "id": "qa-0",
         "context": qa_ep().context,
-        "qas": [{"question": "Where was Zorbil Quanto born?", "answers": ["Lyon"]}],
-    }
+        "qas": [{"question": "Where was Zorbil Quanto born?", "answers": ["Lyon"]},
+                {"question": "Where is the café?", "answers": ["Paris"], "options": ["Rome", "Paris", "Lyon"]}],
+    }  # fmt: skip
     assert demo_ep().to_json()["queries"] == [
         {"input": "Guernica", "output": "Arts", "options": LABELS}
     ]
@@ -100,6 +102,30 @@ def test_context_texts():
         ({"id": "e", "context": ["x"], "qas": []}, "empty"),
         ({"id": "e", "context": ["x"], "qas": [{"question": "q", "answers": []}]}, "no answers"),
         ({"id": 3, "context": ["x"], "qas": [{"question": "q", "answers": ["a"]}]}, "must be str"),
+        (
+            {
+                "id": "e",
+                "context": ["x"],
+                "qas": [{"question": "q", "answers": ["a"], "options": ["b", "c"]}],
+            },
+            "options must hold answers",
+        ),
+        (
+            {
+                "id": "e",
+                "context": ["x"],
+                "qas": [{"question": "q", "answers": ["a"], "options": ["a"]}],
+            },
+            "options must hold answers",
+        ),
+        (
+            {
+                "id": "e",
+                "context": ["x"],
+                "qas": [{"question": "q", "answers": ["a"], "options": "a"}],
+            },
+            "must be list",
+        ),
     ],
 )
 def test_qa_from_json_rejects(record, message):

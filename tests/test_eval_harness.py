@@ -14,7 +14,8 @@ from genadapter.eval.report import assign_groups, summarize, write_report
 
 GOOD = [
     {"id": "short", "context": ["Alice lives in Paris."],
-     "qas": [{"question": "Where does Alice live?", "answers": ["Paris"]}]},
+     "qas": [{"question": "Where does Alice live?", "answers": ["Paris"],
+              "options": ["Rome", "Paris", "Oslo"]}]},
     {"id": "long", "context": ["Bob sells bread in Rome. " * 30],
      "qas": [{"question": "What does Bob sell?", "answers": ["bread"]},
              {"question": "Where is Bob?", "answers": ["Rome", "in Rome"]}]},
@@ -66,6 +67,11 @@ def test_run_eval_all_methods_qa(qa_file, tmp_path, smollm2_tokenizer):
         if r["status"] == "ok":
             assert 0 <= r["em"] <= r["f1"] + 1e-9 <= 1 + 1e-9 and r["nll"] > 0
             assert r["answer_seconds"] > 0 and r["peak_rss_bytes"] > 0
+    # candidate ranking where the episode gives options, and only there
+    for m in ALL_METHODS:
+        item = recs[m, "short"]["items"][0]
+        assert item["choice"] in (0.0, 1.0) and recs[m, "short"]["choice"] == item["choice"]
+    assert all("choice" not in r for (m, e), r in recs.items() if e == "long")
     assert recs["prompt", "short"]["kv_cache_bytes"] > recs["base", "short"]["kv_cache_bytes"]
     assert recs["genadapter", "long"]["kv_cache_bytes"] == recs["base", "long"]["kv_cache_bytes"]
 
@@ -75,6 +81,7 @@ def test_run_eval_all_methods_qa(qa_file, tmp_path, smollm2_tokenizer):
     assert saved["config"]["ttt_steps"] == 2
     md = paths["markdown"].read_text()
     assert all(f"| {m} |" in md for m in ALL_METHODS) and "does not fit" in md
+    assert "choice acc" in md
     for key in ("score_plot", "cost_plot"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

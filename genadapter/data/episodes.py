@@ -68,9 +68,15 @@ def _list(d: Any, key: str, where: str) -> list:
 class QA:
     question: str
     answers: list[str]  # any of these counts as correct
+    # optional closed set of candidate answers of the same type, answers[0] among them: ranking
+    # them by likelihood tells whether the right *value* got in, beyond the right kind of answer
+    options: list[str] | None = None
 
     def to_json(self) -> dict:
-        return {"question": self.question, "answers": list(self.answers)}
+        d: dict[str, Any] = {"question": self.question, "answers": list(self.answers)}
+        if self.options is not None:
+            d["options"] = list(self.options)
+        return d
 
     @classmethod
     def from_json(cls, d: Any, where: str = "qa") -> QA:
@@ -81,7 +87,14 @@ class QA:
         for i, a in enumerate(answers):
             if not isinstance(a, str) or not a.strip():
                 raise EpisodeError(f"{where}: answers[{i}] must be a non-empty string")
-        return cls(question, list(answers))
+        options = None
+        if isinstance(d, dict) and d.get("options") is not None:
+            options = _str_list(d, "options", where)
+            if answers[0] not in options or len(set(options)) < 2:
+                raise EpisodeError(
+                    f"{where}: options must hold answers[0] and at least one other candidate"
+                )
+        return cls(question, list(answers), options)
 
 
 def _qas(d: Any) -> list[QA]:

@@ -128,10 +128,12 @@ def evaluate_episode(
                 latencies.append(time.perf_counter() - t0)
                 # NLL of the first (canonical) gold answer: did the knowledge get in at all?
                 nll = adapted.answer_nll(qa.question, qa.answers[0])
-                items.append(
-                    {"question": qa.question, "gold": qa.answers, "prediction": prediction,
-                     **squad_scores(prediction, qa.answers), "nll": nll}
-                )  # fmt: skip
+                item = {"question": qa.question, "gold": qa.answers, "prediction": prediction,
+                        **squad_scores(prediction, qa.answers), "nll": nll}  # fmt: skip
+                if qa.options:  # right value, or only the right kind of value?
+                    scores = adapted.score_options(qa.question, qa.options)
+                    item["choice"] = option_accuracy(scores, qa.options, qa.answers[0])
+                items.append(item)
         stats = {k: v for k, v in adapted.stats.items() if k != "train_losses"}
         if "train_losses" in adapted.stats:
             stats["train_loss_first"] = adapted.stats["train_losses"][0]
@@ -139,9 +141,11 @@ def evaluate_episode(
     rec.update(stats)
     rec["answer_seconds"] = sum(latencies) / len(latencies)
     rec["peak_rss_bytes"] = peak_rss_bytes()
-    keys = ("accuracy",) if task == "demo" else ("em", "f1", "nll")
+    keys = ("accuracy",) if task == "demo" else ("em", "f1", "choice", "nll")
     for k in keys:
-        rec[k] = sum(it[k] for it in items) / len(items)
+        values = [it[k] for it in items if k in it]
+        if values:
+            rec[k] = sum(values) / len(values)
     rec["items"] = items
     return rec
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-SCORES = {"qa": ("em", "f1", "nll"), "conversation": ("em", "f1", "nll"), "demo": ("accuracy",)}
+# choice: the gold answer ranks first among same-type candidates (qa episodes with `options`)
+SCORES = {"qa": ("em", "f1", "choice", "nll"), "conversation": ("em", "f1", "nll"),
+          "demo": ("accuracy",)}  # fmt: skip
 COSTS = (
     "adapt_seconds",
     "answer_seconds",
@@ -84,7 +86,7 @@ def _fmt(value: Any, key: str) -> str:
         return f"{value / 2**20:.2f} MB" if value >= 2**16 else f"{value / 1024:.1f} KB"
     if key.endswith("seconds"):
         return f"{value:.3f}"
-    if key in ("em", "f1", "accuracy"):
+    if key in ("em", "f1", "choice", "accuracy"):
         return f"{100 * value:.1f}"
     if isinstance(value, float):
         return f"{value:.3f}" if key == "nll" else f"{value:.0f}"
@@ -95,7 +97,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
     task = results["config"]["task"]
     cols = ["ok", "does_not_fit", "over_budget", "errors", "context_tokens", *SCORES[task], *COSTS]
     names = {"ok": "ok", "does_not_fit": "does not fit", "over_budget": "over budget", "errors": "errors",
-             "context_tokens": "ctx tokens", "nll": "answer NLL", "adapt_seconds": "adapt s",
+             "context_tokens": "ctx tokens", "choice": "choice acc", "nll": "answer NLL", "adapt_seconds": "adapt s",
              "answer_seconds": "answer s", "state_bytes": "state", "kv_cache_bytes": "KV cache",
              "memory_bytes": "state+KV", "peak_rss_bytes": "peak RSS"}  # fmt: skip
 
@@ -112,7 +114,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         f"- model: `{results['model']}`; generator: `{results['generator']}`",
         f"- data: {', '.join(f'`{d}`' for d in cfg['data'])}; git commit `{results['git_commit']}`",
         f"- TTT: {cfg['ttt_steps']} steps, lr {cfg['ttt_lr']}; prompt window {cfg['window']} tokens",
-        "- EM/F1/accuracy in %; answer NLL in nats per gold-answer token (lower is better);"
+        "- EM/F1/choice/accuracy in %; choice = the gold answer ranks first by likelihood among"
+        " its same-type candidates (chance 1/#options); answer NLL in nats per gold-answer token (lower is better);"
         " means over the episodes that ran; peak RSS is the max over episodes.",
         "",
         "## Overall",
@@ -171,7 +174,9 @@ def write_report(results: dict[str, Any], out: str | Path, n_bins: int = 3) -> d
     }
     paths["json"].write_text(json.dumps({**results, "summary": summary}, indent=1) + "\n")
     paths["markdown"].write_text(markdown(results, summary))
-    _plot(summary, SCORES[task], paths["score_plot"], f"{task}: score vs context length")
+    scores = [k for k in SCORES[task] if any(r[k] is not None for r in summary["by_group"])]
+    _plot(summary, tuple(scores) or SCORES[task], paths["score_plot"],
+          f"{task}: score vs context length")  # fmt: skip
     _plot(summary, ("adapt_seconds", "answer_seconds", "memory_bytes", "peak_rss_bytes"),
           paths["cost_plot"], f"{task}: cost vs context length")  # fmt: skip
     return paths

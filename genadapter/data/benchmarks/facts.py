@@ -18,6 +18,7 @@ entity-value pairing is random.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from genadapter.data.episodes import QA, QAEpisode
 from .common import NameMaker, article, check_split, estimate_tokens, rng_for
 
 N_TEST_PHRASINGS = 4
+N_OPTIONS = 8  # candidate answers per question (chance = 1/8)
 
 
 def _lines(text: str) -> tuple[str, ...]:
@@ -1232,7 +1234,33 @@ def make_facts(
                 continue
             a = r.choice(left)
             seen.add((ent.name, a))
-            q = _render(r.choice(_BY_KEY[ent.kind, a].question_templates(split)), ent.name, "")
-            qas.append(QA(q, [ent.facts[a]]))
+            attr = _BY_KEY[ent.kind, a]
+            q = _render(r.choice(attr.question_templates(split)), ent.name, "")
+            key = f"facts-{split}-s{seed}-{i:05d}/{len(qas)}"
+            qas.append(QA(q, [ent.facts[a]], answer_options(attr, ent, entities, split, key)))
         episodes.append(QAEpisode(f"facts-{split}-s{seed}-{i:05d}", docs, qas))
     return episodes
+
+
+def answer_options(
+    attr: Attribute, ent: _Entity, entities: list[_Entity], split: str, key: str, k: int = N_OPTIONS
+) -> list[str]:
+    """`k` candidates of the asked attribute's type: the gold value, the values the context
+    gives other entities for it (distractors that were read too), then fresh values.
+
+    Drawn from their own generator (seeded by `key`), so episodes are the same with or without."""
+    gold = ent.facts[attr.name]
+    in_context = [
+        e.facts[attr.name] for e in entities if e.kind == ent.kind and attr.name in e.facts
+    ]
+    options = list(dict.fromkeys([gold, *in_context]))[:k]
+    r = random.Random(f"options/{key}")
+    names = NameMaker(r, split)
+    for _ in range(20 * k):
+        if len(options) == k:
+            break
+        value = attr.value(names, ent.name)
+        if value not in options:
+            options.append(value)
+    r.shuffle(options)
+    return options
