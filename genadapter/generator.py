@@ -127,7 +127,7 @@ class PolarFactor(torch.autograd.Function):
         s = s.clamp(min=tiny)  # null directions of a rank-deficient S get a finite, large weight
         M = U.mT @ G @ Vh.mT  # (k, k)
         inner = U @ ((M - M.mT) / (s[..., :, None] + s[..., None, :])) @ Vh
-        outer = G @ Vh.mT - U @ (U.mT @ G @ Vh.mT)  # the part of G outside span(U): tall S only
+        outer = G @ Vh.mT - U @ M  # the part of G outside span(U): tall S only
         dS = inner + (outer / s[..., None, :]) @ Vh
         return dS if ctx.tall else dS.mT
 

@@ -85,7 +85,7 @@ class GeneratorPretraining(L.LightningModule):
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
         self.tokenizer_name = base_model
         self._val_sums: dict[str, torch.Tensor] = {}
-        self._references: dict[str, dict[str, torch.Tensor]] = {}  # see `_frozen_reference`
+        self._references: dict[str, dict[str, torch.Tensor]] = {}  # see REFERENCE_KEYS
         self._batch_hashes: list[str] = []  # what this rank trained on, for the audit file
 
     # only the generator is state: the frozen LM is rebuilt from its name

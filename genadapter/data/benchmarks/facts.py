@@ -1227,7 +1227,7 @@ def make_facts(
         asked = r.sample(entities, min(n_questions, len(entities)))
         while len(asked) < n_questions:  # few entities: ask several things about one
             asked.append(r.choice(entities))
-        qas, seen = [], set()
+        qas, seen, episode_id = [], set(), f"facts-{split}-s{seed}-{i:05d}"
         for ent in asked:
             left = [a for a in ent.facts if (ent.name, a) not in seen]
             if not left:
@@ -1236,9 +1236,9 @@ def make_facts(
             seen.add((ent.name, a))
             attr = _BY_KEY[ent.kind, a]
             q = _render(r.choice(attr.question_templates(split)), ent.name, "")
-            key = f"facts-{split}-s{seed}-{i:05d}/{len(qas)}"
+            key = f"{episode_id}/{len(qas)}"
             qas.append(QA(q, [ent.facts[a]], answer_options(attr, ent, entities, split, key)))
-        episodes.append(QAEpisode(f"facts-{split}-s{seed}-{i:05d}", docs, qas))
+        episodes.append(QAEpisode(episode_id, docs, qas))
     return episodes
 
 
