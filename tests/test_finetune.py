@@ -73,11 +73,12 @@ def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) ->
         "seed": 0,
         "run_dir": str(tmp_path / "run"),
         "model": {"base_model": str(tiny_dir), "generator": {"r": 8, "r_in": 8, "chunk_len": 4},
-                  "lr": 0.01, "warmup_steps": 2, "decay_steps": 6, "targets_per_doc": 2},
+                  "lr": 0.01, "warmup_steps": 2, "decay_steps": 6, "targets_per_doc": 2, "rank_weight": 0.5},
         "data": {"train_files": {str(files["qa"]): 2.0, str(files["demo"]): 1.0},
                  "val_files": [str(files["qa"]), str(files["demo"])], "episodes_per_batch": 2,
                  "max_questions": 2, "val_episodes": 2, "lm_every": 3, "source": str(files["corpus"]),
-                 "chunk_len": 4, "max_chunks": 3, "min_chunks": 2, "batch_size": 2, "val_percent": 0.0},
+                 "chunk_len": 4, "max_chunks": 3, "min_chunks": 2, "batch_size": 2, "val_percent": 0.0,
+                 "rank_options": 3},
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False,
                     "enable_model_summary": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
                     "limit_val_batches": 0, "check_val_every_n_epoch": None, **trainer},
@@ -204,8 +205,59 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
         f"{episode_files['qa'].parent.name}/demo",
     ):
         assert {f"val/{task}/loss_{w}" for w in ("base", "adapted", "prompt")} <= set(m), sorted(m)
+    assert 0 <= m[f"val/{episode_files['demo'].parent.name}/demo/choice"] <= 1  # labels are ranked
     lines = (tmp_path / "a" / "run" / "csv" / "metrics.csv").read_text()
     assert "train/answer_loss" in lines and "train/lm_loss" in lines  # both kinds of batch ran
+    assert "train/rank_loss" in lines
+
+
+def test_candidates_are_ranked_as_evaluation_ranks_options(tiny_dir):
+    """Candidate rows: gold first, then the distractors the context mentions; each candidate's
+    score in the training pass equals the evaluation method's `score_options` after `read`."""
+    from transformers import AutoTokenizer
+
+    from genadapter.eval.methods import GenAdapterMethod
+    from genadapter.training.instruct_data import question_candidates
+    from genadapter.training.objectives import rank_candidates
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ga = GenerativeAdapter.from_base(tiny_model("llama", vocab=len(tok)), GeneratorConfig(r=4, r_in=4, chunk_len=4),
+                                     tokenizer=tok)  # fmt: skip
+    for block in ga.generator.blocks.values():
+        torch.nn.init.normal_(block.B)
+    d = qa_episode(0)
+    gold = d["qas"][0]["answers"][0]
+    a, b, c, e = [x for x in CITIES if x != gold][:4]
+    d["context"].append(f"Person99 lives in {a}. Person98 lives in {b}.")
+    d["qas"][0]["options"] = [c, b, gold, a, e]
+    job = d["qas"][1]["answers"][0]
+    d["qas"][1]["options"] = [job, next(j for j in JOBS if j != job)]
+    episode = read_episode(d)
+    assert question_candidates(episode, 4)[0] == [gold, b, a, c]  # in-context distractors first
+    assert question_candidates(episode, 0) == [[], []]
+    batch = collate_episodes(
+        [encode_episode(episode, PromptFormat(tok), 4, rank_options=4)], [0], 4, 0
+    )
+    assert batch["cand_row"].tolist() == [0, 0, 0, 0, 1, 1]
+    with torch.no_grad():
+        out = answer_losses(ga, batch)
+        plain = answer_losses(ga, batch, with_ranking=False)
+        method = GenAdapterMethod(ga).adapt(episode.context_texts())
+        expected = [method.score_options(qa.question, c)
+                    for qa, c in zip(episode.qas, question_candidates(episode, 4), strict=True)]  # fmt: skip
+    torch.testing.assert_close(out["row_loss"], plain["row_loss"])  # candidates change nothing else
+    scores = torch.tensor([s for group in expected for s in group])
+    manual = -torch.stack([torch.tensor(g).log_softmax(0)[0] for g in expected]).mean()
+    torch.testing.assert_close(out["rank_loss"], manual, rtol=1e-4, atol=1e-5)
+    ranked = rank_candidates(scores, batch["cand_row"])
+    assert ranked["rank_correct"].tolist() == [float(max(g) == g[0]) for g in expected]
+    torch.testing.assert_close(ranked["rank_loss"], manual)
+    out = answer_losses(ga, batch)  # prompts of unequal length: the left padding stays masked
+    (out["loss"] + out["rank_loss"]).backward()
+    grads = [p.grad for p in ga.generator.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="at least 2 candidates"):
+        rank_candidates(torch.zeros(3), torch.tensor([0, 0, 1]))
 
 
 def test_finetune_bad_inputs(tmp_path, tiny_dir, episode_files, capsys):

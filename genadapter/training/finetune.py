@@ -3,8 +3,12 @@
 Same conventions as pretraining (only `ga.generator` learns, safetensors checkpoints, exact
 resume); batches come from `FinetuneDataModule`: episode batches (loss on answer tokens only)
 with every `lm_every`-th batch a pretraining batch, so language modelling is not forgotten.
+With `rank_weight` > 0 and candidate answers in the batches (data `rank_options`), the loss
+adds a ranking term: the gold answer must out-score the other candidates, foremost those the
+context mentions for other entities, which is what tells injected facts from format learning.
 Validation reports, per task, the answer NLL with no context (`loss_base`), with the state
-(`loss_adapted`) and with the context in the prompt (`loss_prompt`), and the gap closed.
+(`loss_adapted`) and with the context in the prompt (`loss_prompt`), the gap closed, and with
+candidates `choice` (how often the gold answer ranks first under the state).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from genadapter.training.objectives import answer_losses, pretrain_losses, row_l
 
 class GeneratorFinetuning(GeneratorPretraining):
     def __init__(
-        self, *args, lm_weight: float = 1.0, task_names: list[str] | None = None, **kwargs
-    ):
+        self, *args, lm_weight: float = 1.0, rank_weight: float = 0.0,
+        task_names: list[str] | None = None, **kwargs,
+    ):  # fmt: skip
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -28,9 +33,14 @@ class GeneratorFinetuning(GeneratorPretraining):
                                   h.completion_weight, self._rng())  # fmt: skip
             self.log("train/lm_loss", out["loss"], batch_size=batch["input_ids"].shape[0])
             return self.hparams.lm_weight * out["loss"]
-        out = answer_losses(self.ga, batch)
-        self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=len(batch["row_task"]))
-        return out["loss"]
+        rank_weight, n = self.hparams.rank_weight, len(batch["row_task"])
+        out = answer_losses(self.ga, batch, with_ranking=rank_weight > 0)
+        self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
+        if "rank_loss" not in out:
+            return out["loss"]
+        self.log("train/rank_loss", out["rank_loss"], batch_size=n)
+        self.log("train/choice", out["rank_correct"].mean(), prog_bar=True, batch_size=n)
+        return out["loss"] + rank_weight * out["rank_loss"]
 
     def _task(self, index: int) -> str:
         names = self.hparams.task_names or []
@@ -62,6 +72,13 @@ class GeneratorFinetuning(GeneratorPretraining):
             for what, loss in losses.items():
                 self._accumulate(
                     f"{self._task(t)}/loss_{what}", (loss[sel] * weights[sel]).sum() / w, w
+                )
+        if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
+            task = batch["row_task"].to(self.device)[out["rank_group"]]
+            for t in task.unique().tolist():
+                correct = out["rank_correct"][task == t]
+                self._accumulate(
+                    f"{self._task(t)}/choice", correct.mean(), correct.new_tensor(len(correct))
                 )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,28 @@ class EncodedEpisode:
     prompts: list[list[int]]  # one per question, without context
     answers: list[list[int]]  # target tokens (answer + end of turn)
     prompts_with_context: list[list[int]]  # the same questions, context in the prompt
+    # per question: candidate answers to rank, gold first ([] for none, or no list at all)
+    candidates: list[list[list[int]]] = field(default_factory=list)
+
+
+def question_candidates(episode: Episode, k: int) -> list[list[str]]:
+    """Up to k candidate answers per question, gold first; [] for questions without options.
+
+    Distractors the context mentions come first: they are the hard negatives (read, but bound
+    to another entity), which format learning alone cannot tell from the gold answer."""
+    if k < 2:
+        return [[] for _ in question_answers(episode)]
+    if isinstance(episode, DemoEpisode):
+        pairs = [(q.output, q.options) for q in episode.queries]
+    else:
+        pairs = [(qa.answers[0], qa.options or []) for qa in episode.qas]
+    context = join_context(episode.context_texts())
+    out = []
+    for gold, options in pairs:
+        others = [o for o in dict.fromkeys(options) if o != gold]
+        others.sort(key=lambda o: o not in context)  # stable: in-context ones first
+        out.append([gold, *others[: k - 1]] if others else [])
+    return out
 
 
 def question_answers(episode: Episode) -> list[tuple[str, str]]:
@@ -43,15 +65,16 @@ def question_answers(episode: Episode) -> list[tuple[str, str]]:
 
 def encode_episode(
     episode: Episode, fmt: PromptFormat, chunk_len: int, questions: list[int] | None = None,
-    with_context_prompts: bool = False,
+    with_context_prompts: bool = False, rank_options: int = 0,
 ) -> EncodedEpisode:  # fmt: skip
     tok = fmt.tokenizer
     chunks = []
     for text in episode.context_texts():
         ids = tok(text, add_special_tokens=False).input_ids
         chunks += [ids[i : i + chunk_len] for i in range(0, len(ids), chunk_len)]
-    pairs = question_answers(episode)
-    pairs = [pairs[i] for i in questions] if questions is not None else pairs
+    pairs, candidates = question_answers(episode), question_candidates(episode, rank_options)
+    if questions is not None:
+        pairs, candidates = [pairs[i] for i in questions], [candidates[i] for i in questions]
     end = fmt.stop_token_ids()[:1]  # teach the model to stop after a short answer
     context = join_context(episode.context_texts()) if with_context_prompts else None
     return EncodedEpisode(
@@ -59,6 +82,8 @@ def encode_episode(
         prompts=[fmt.prompt_ids(q) for q, _ in pairs],
         answers=[fmt.answer_ids(a) + end for _, a in pairs],
         prompts_with_context=[fmt.prompt_ids(q, context) for q, _ in pairs] if context else [],
+        # scored as evaluation scores options: answer tokens only, no end of turn
+        candidates=[[fmt.answer_ids(c) for c in cands] for cands in candidates],
     )
 
 
@@ -81,7 +106,9 @@ def collate_episodes(
     """One batch: contexts (E, T, C), answer rows (R, L) with their episode and task index.
 
     When the episodes carry context prompts, also the `prompt_*` rows (context in the prompt)
-    of the questions that fit `max_prompt_len`, and `prompt_rows`, their row indices."""
+    of the questions that fit `max_prompt_len`, and `prompt_rows`, their row indices.
+    When questions carry candidates, also the `cand_*` rows (question prompt + one candidate)
+    and `cand_row`, the answer row each belongs to (the gold candidate comes first)."""
     batch = collate([e.chunks for e in encoded], chunk_len, pad_id)
     batch = {"context_ids": batch["input_ids"], "context_mask": batch["attention_mask"]}
     prompts = [p for e in encoded for p in e.prompts]
@@ -91,6 +118,20 @@ def collate_episodes(
     batch["row_task"] = torch.tensor(
         [t for t, e in zip(tasks, encoded, strict=True) for _ in e.prompts]
     )
+    cand_prompts, cand_answers, cand_row = [], [], []
+    for row, (prompt, cands) in enumerate(
+        (p, c)
+        for e in encoded
+        for p, c in zip(e.prompts, e.candidates or [[]] * len(e.prompts), strict=True)
+    ):
+        cand_prompts += [prompt] * len(cands)
+        cand_answers += cands
+        cand_row += [row] * len(cands)
+    if cand_row:
+        batch.update(
+            {f"cand_{k}": v for k, v in pad_rows(cand_prompts, cand_answers, pad_id).items()}
+        )
+        batch["cand_row"] = torch.tensor(cand_row)
     with_context = [p for e in encoded for p in e.prompts_with_context]
     if with_context:
         fits = [i for i, (p, a) in enumerate(zip(with_context, answers, strict=True))
@@ -109,6 +150,7 @@ class EpisodeMixture(IterableDataset):
         self, tasks: list[list[Episode]], weights: list[float], fmt: PromptFormat, chunk_len: int,
         max_chunks: int, episodes_per_batch: int, max_questions: int, lm_every: int,
         lm_batches: ChunkedBatches | None, seed: int, rank: int = 0, skip: int = 0,
+        rank_options: int = 0,
     ):  # fmt: skip
         super().__init__()
         self.tasks, self.weights, self.fmt = tasks, weights, fmt
@@ -116,6 +158,7 @@ class EpisodeMixture(IterableDataset):
         self.episodes_per_batch, self.max_questions = episodes_per_batch, max_questions
         self.lm_every, self.lm_batches = lm_every, lm_batches
         self.seed, self.rank, self.skip = seed, rank, skip
+        self.rank_options = rank_options
 
     def is_lm_batch(self, i: int) -> bool:
         return (
@@ -132,7 +175,9 @@ class EpisodeMixture(IterableDataset):
             episode = rng.choice(self.tasks[t])
             n_q = len(question_answers(episode))
             questions = rng.sample(range(n_q), min(n_q, self.max_questions))
-            enc = encode_episode(episode, self.fmt, self.chunk_len, questions)
+            enc = encode_episode(
+                episode, self.fmt, self.chunk_len, questions, rank_options=self.rank_options
+            )
             if len(enc.chunks) <= self.max_chunks:  # longer contexts are skipped, not truncated
                 encoded.append(enc)
                 task_ids.append(t)
@@ -164,6 +209,7 @@ class FinetuneDataModule(PretrainDataModule):
         val_episodes: int = 32,
         prompt_window: int | None = 8192,  # context prompts longer than this are left out
         lm_every: int = 4,
+        rank_options: int = 0,  # candidates ranked per question (gold + k-1 distractors); 0: off
         **pretrain_data,
     ):
         super().__init__(**pretrain_data)  # its save_hyperparameters() records our arguments too
@@ -200,7 +246,7 @@ class FinetuneDataModule(PretrainDataModule):
         ds = EpisodeMixture(
             [self.episodes(p) for p in h.train_files], list(h.train_files.values()), self.fmt,
             h.chunk_len, h.max_context_chunks, h.episodes_per_batch, h.max_questions, h.lm_every,
-            lm, h.seed, rank, self._skip,
+            lm, h.seed, rank, self._skip, h.rank_options,
         )  # fmt: skip
         return DataLoader(ds, batch_size=None)
 
@@ -211,7 +257,8 @@ class FinetuneDataModule(PretrainDataModule):
         for t, path in enumerate(h.val_files or []):
             eps = self.episodes(path)[: h.val_episodes][rank::world]
             for i in range(0, len(eps), h.episodes_per_batch):
-                enc = [encode_episode(e, self.fmt, h.chunk_len, with_context_prompts=True)
+                enc = [encode_episode(e, self.fmt, h.chunk_len, with_context_prompts=True,
+                                      rank_options=h.rank_options)
                        for e in eps[i : i + h.episodes_per_batch]]  # fmt: skip
                 enc = [e for e in enc if len(e.chunks) <= h.max_context_chunks]
                 if enc:

@@ -8,6 +8,7 @@ own state (rows = completion targets + reconstruction targets). No Python loop o
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -179,27 +180,122 @@ def episode_state(
     return AdapterState(S, counts.sum(1)[rows], ga.generator.fingerprint(), ga.config.to_dict())
 
 
+def split_rows(
+    ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Right-padded prompt + answer rows -> (prompts, answers): the tokens before and from the
+    first `loss_mask` token to the end of the row."""
+    prompts, answers = [], []
+    for row, attn, target in zip(ids, attention_mask.bool(), loss_mask.bool(), strict=True):
+        start, end = int(target.nonzero()[0]), int(attn.sum())
+        prompts.append(row[:start])
+        answers.append(row[start:end])
+    return prompts, answers
+
+
+def pad(seqs: list[Tensor], left: bool = False) -> tuple[Tensor, Tensor]:
+    """Stack 1-D id tensors into (rows, max length) ids and mask, padded on the right or left."""
+    L = max(len(s) for s in seqs)
+    ids = seqs[0].new_zeros(len(seqs), L)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        cols = slice(L - len(s), L) if left else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = s, 1
+    return ids, mask
+
+
+def continuation_losses(
+    ga: GenerativeAdapter, prompts: list[Tensor], continuations: list[Tensor], owner: Tensor,
+    prompt_state: AdapterState | None, continuation_state: AdapterState | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Summed NLL and token count of each continuation after its prompt `prompts[owner[i]]`.
+
+    Each prompt runs once (left-padded, with its positions counted from its first real token,
+    so the result equals an unpadded run); its KV cache is then copied to every continuation
+    that follows it: the candidates of a question cost their own few tokens, not the prompt's.
+    States None run the frozen base."""
+    base = ga.base_model
+    prompt_ids, prompt_mask = pad(prompts, left=True)
+    with ga.adapted(prompt_state) if prompt_state is not None else nullcontext():
+        out = base(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                   position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)  # fmt: skip
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)
+    ids, mask = pad(continuations)
+    positions = prompt_mask.sum(1)[owner, None] + torch.arange(ids.shape[1], device=ids.device)
+    with ga.adapted(continuation_state) if continuation_state is not None else nullcontext():
+        logits = base(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], 1),
+                      position_ids=positions, past_key_values=cache).logits  # fmt: skip
+    # the prompt's last position predicts each continuation's first token
+    logits = torch.cat([out.logits[owner, -1:], logits[:, :-1]], 1)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
+    m = mask.to(nll.dtype)
+    return (nll.view_as(m) * m).sum(1), m.sum(1)
+
+
 def answer_losses(
-    ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False
-) -> dict[str, Tensor]:
+    ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False,
+    with_ranking: bool = True,
+) -> dict[str, Tensor]:  # fmt: skip
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
     batch: `context_ids`, `context_mask` (E episodes, T chunks, C), `input_ids`, `attention_mask`,
-    `loss_mask` (R rows: prompt + answer; loss_mask marks the answer tokens, each scored as the
-    target of the position before it), `row_episode` (R,). One frozen pass reads all contexts;
-    one adapted pass answers all rows. `loss` is the mean per answer token.
+    `loss_mask` (R rows: prompt + answer; loss_mask marks the answer tokens), `row_episode` (R,).
+    One frozen pass reads all contexts; one adapted pass runs the question prompts, one more
+    their answers (`continuation_losses`). `loss` is the mean per answer token.
+    With candidate rows (`cand_*`, `cand_row`; see `collate_episodes`) and `with_ranking`, the
+    second pass also scores every candidate after its question (mean log-prob per token, as
+    evaluation ranks options) and adds `rank_loss`, the cross-entropy of a softmax over each
+    question's candidates with the gold one as target, and `rank_correct` (per question).
     """
     stats, counts = chunk_statistics(
         ga, batch["context_ids"].to(ga.device), batch["context_mask"].to(ga.device)
     )
-    ids, attn = batch["input_ids"].to(ga.device), batch["attention_mask"].to(ga.device)
-    target = batch["loss_mask"].to(ga.device)
-    with ga.adapted(episode_state(ga, stats, counts, batch["row_episode"])):
-        loss_sum, n_tok = row_losses(ga.base_model, ids, attn, target)
-    out = {"loss": loss_sum.sum() / n_tok.sum().clamp(min=1), "tokens": n_tok.sum()}
-    out["row_loss"] = loss_sum / n_tok.clamp(min=1)
+    rows = (batch[k].to(ga.device) for k in ("input_ids", "attention_mask", "loss_mask"))
+    prompts, answers = split_rows(*rows)
+    episode = batch["row_episode"].to(ga.device)
+    owner = torch.arange(len(prompts), device=ga.device)
+    continuations = list(answers)
+    ranking = with_ranking and "cand_row" in batch
+    if ranking:
+        cand_row = batch["cand_row"].to(ga.device)
+        continuations += split_rows(*(batch[f"cand_{k}"].to(ga.device)
+                                      for k in ("input_ids", "attention_mask", "loss_mask")))[1]  # fmt: skip
+        owner = torch.cat([owner, cand_row])
+    loss_sum, n_tok = continuation_losses(
+        ga, prompts, continuations, owner,
+        episode_state(ga, stats, counts, episode), episode_state(ga, stats, counts, episode[owner]),
+    )  # fmt: skip
+    R = len(answers)
+    mean = loss_sum / n_tok.clamp(min=1)
+    out = {"loss": loss_sum[:R].sum() / n_tok[:R].sum().clamp(min=1)}
+    out["tokens"], out["row_loss"] = n_tok[:R].sum(), mean[:R]
+    if ranking:
+        out.update(rank_candidates(-mean[R:], cand_row))
     if with_base:
         with torch.no_grad():
-            base_sum, _ = row_losses(ga.base_model, ids, attn, target)
-        out["row_loss_base"] = base_sum / n_tok.clamp(min=1)
+            base_sum, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)
+        out["row_loss_base"] = base_sum / n_tok[:R].clamp(min=1)
     return out
+
+
+def rank_candidates(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
+    """Softmax ranking over groups of candidate scores; `group` is sorted, gold first in each.
+
+    Returns `rank_loss` (mean cross-entropy with the gold as target), `rank_correct` (G,) and
+    `rank_group` (G,), the group ids."""
+    ids, sizes = torch.unique_consecutive(group, return_counts=True)
+    if (sizes < 2).any():
+        raise ValueError("every question needs at least 2 candidates to rank")
+    start = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(len(group), device=group.device) - start.repeat_interleave(sizes)
+    table = scores.new_full((len(ids), int(sizes.max())), float("-inf"))
+    table[torch.repeat_interleave(torch.arange(len(ids), device=group.device), sizes), slot] = (
+        scores
+    )
+    gold = torch.zeros(len(ids), dtype=torch.long, device=group.device)
+    return {
+        "rank_loss": F.cross_entropy(table, gold),
+        "rank_correct": (table.argmax(1) == 0).float(),
+        "rank_group": ids,
+    }
