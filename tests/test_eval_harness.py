@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -178,3 +179,42 @@ def test_ttt_over_budget_is_recorded_not_run(qa_file, tmp_path, smollm2_tokenize
     )
     assert status[("base", "long")] == "ok"
     assert summarize(results)["overall"]["ttt-bitfit"]["over_budget"] == 1
+
+
+def test_reuse_takes_over_records_only_under_the_same_settings_and_weights(
+    qa_file, tmp_path, smollm2_tokenizer
+):
+    from genadapter import GenerativeAdapter, GeneratorConfig
+
+    model = tiny_llama()
+    ga = GenerativeAdapter.from_base(model, GeneratorConfig(r=4, r_in=4, chunk_len=8))
+    ga.save_pretrained(tmp_path / "gen")
+    generators = {"a": str(tmp_path / "gen"), "b": str(tmp_path / "gen")}
+    config = EvalConfig(task="qa", data=[qa_file], methods=["base", "genadapter:a", "genadapter:b"],
+                        generators=generators, max_new_tokens=3)  # fmt: skip
+    first = write_report(run_eval(config, model, smollm2_tokenizer, progress=False), tmp_path / "1")
+    for block in ga.generator.blocks.values():  # generator b is retrained under the same path
+        torch.nn.init.normal_(block.B)
+    ga.save_pretrained(tmp_path / "gen-b")
+    generators["b"] = str(tmp_path / "gen-b")
+    again = EvalConfig(task="qa", data=[qa_file], methods=["base", "prompt", "genadapter:a", "genadapter:b"],
+                       generators=generators, max_new_tokens=3,
+                       reuse=[str(first["json"]), str(tmp_path / "missing.json")])  # fmt: skip
+    results = run_eval(again, model, smollm2_tokenizer, progress=False)
+    earlier = {
+        (r["method"], r["episode"]): r for r in json.loads(first["json"].read_text())["records"]
+    }
+    for rec in results["records"]:
+        key = (rec["method"], rec["episode"])
+        if rec["method"] in ("base", "genadapter:a"):
+            assert rec == {**earlier[key], "reused_from": str(first["json"])}
+        else:  # new method, or the same label with other weights: computed afresh
+            assert "reused_from" not in rec
+        if rec["method"] == "genadapter:b":
+            assert rec["nll"] != pytest.approx(earlier[key]["nll"], abs=1e-3)
+    assert "taken over from" in write_report(results, tmp_path / "2")["markdown"].read_text()
+    other = dataclasses.replace(again, max_new_tokens=4)  # another setting: nothing is reused
+    assert not any(
+        "reused_from" in r
+        for r in run_eval(other, model, smollm2_tokenizer, progress=False)["records"]
+    )

@@ -31,6 +31,11 @@ FLAGS: dict[str, tuple[type, str]] = {
     "window": (int, "context budget (tokens) of prompt-window"),
     "max_new_tokens": (int, "answer length limit"),
     "seed": (int, "seed of the test-time-training initialisations"),
+    "reuse": (
+        str,
+        "earlier results.json file(s), comma-separated: take over their records of"
+        " the same method and episode under the same settings",
+    ),
 }
 
 
@@ -54,7 +59,7 @@ def resolve_config(args: argparse.Namespace) -> EvalConfig:
     for name in FLAGS:
         value = getattr(args, name)
         if value is not None:
-            values[name] = value.split(",") if name == "data" else value
+            values[name] = value.split(",") if name in ("data", "reuse") else value
     if not values.get("data"):
         raise SystemExit("no episode file: pass --data or set `data` in --config")
     try:

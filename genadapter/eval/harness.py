@@ -7,6 +7,8 @@ Same base model, same data, same prompt format for all methods; the whole run is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -56,10 +58,15 @@ class EvalConfig:
     max_new_tokens: int = 24
     seed: int = 0
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method kwargs
+    # earlier results.json files: a record of the same method on the same episode under the same
+    # settings is taken over instead of recomputed (see `reusable_records`); missing files are ignored
+    reuse: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.reuse, str):
+            self.reuse = [self.reuse]
         if isinstance(self.methods, str):
             self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         if self.task not in TASKS:
@@ -150,6 +157,52 @@ def evaluate_episode(
     return rec
 
 
+# settings that change a method's record beyond its own kwargs
+RECORD_SETTINGS = ("task", "model", "max_questions", "max_new_tokens", "seed")
+REUSABLE_STATUS = ("ok", "does not fit", "over budget")  # errors are always retried
+
+
+def generator_fingerprints(methods: dict[str, Method]) -> dict[str, str]:
+    """What a genadapter record depends on besides the settings: all its generator's weights
+    (`Generator.fingerprint` covers only those that give a state its meaning)."""
+    out = {}
+    for name, method in methods.items():
+        if hasattr(method, "ga"):
+            h = hashlib.sha256()
+            for key, value in sorted(method.ga.generator_state_dict().items()):
+                h.update(key.encode() + value.detach().cpu().float().contiguous().numpy().tobytes())
+            out[name] = h.hexdigest()[:16]
+    return out
+
+
+def reusable_records(
+    config: EvalConfig, fingerprints: dict[str, str]
+) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(method, source, episode id) -> a record from `config.reuse` computed under the same
+    settings: equal `RECORD_SETTINGS` and method kwargs, and for genadapter methods the same
+    generator weights (a fingerprint; results without one are not reused for them)."""
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for path in config.reuse:
+        if not Path(path).is_file():
+            continue
+        earlier = json.loads(Path(path).read_text())
+        then = EvalConfig.from_dict(earlier["config"])
+        if any(getattr(then, k) != getattr(config, k) for k in RECORD_SETTINGS):
+            continue
+        for rec in earlier["records"]:
+            name = rec["method"]
+            same = (
+                name in config.methods
+                and rec["status"] in REUSABLE_STATUS
+                and then.method_kwargs(name) == config.method_kwargs(name)
+                and earlier.get("generator_fingerprints", {}).get(name) == fingerprints.get(name)
+            )
+            if same:
+                key = (name, rec["source"], rec["episode"])
+                out.setdefault(key, {**rec, "reused_from": str(path)})
+    return out
+
+
 def build_methods(config: EvalConfig, model, tokenizer, ga=None) -> dict[str, Method]:
     methods = {}
     for name in config.methods:
@@ -203,6 +256,8 @@ def run_eval(
     torch.manual_seed(config.seed)
     pairs, problems = load_episodes(config)
     methods = build_methods(config, model, tokenizer, ga)
+    fingerprints = generator_fingerprints(methods)
+    reusable = reusable_records(config, fingerprints)
     records = []
     bar = tqdm(total=len(pairs) * len(methods), disable=not progress, desc="eval")
     for name, method in methods.items():
@@ -211,6 +266,11 @@ def run_eval(
             ids = tokenizer(join_context(episode.context_texts()), add_special_tokens=False)
             base = {"method": name, "episode": episode.id, "source": source,
                     "context_tokens": len(ids.input_ids)}  # fmt: skip
+            earlier = reusable.get((name, source, episode.id))
+            if earlier is not None and earlier["context_tokens"] == base["context_tokens"]:
+                records.append(earlier)  # the same episode text, as far as its length tells
+                bar.update()
+                continue
             try:
                 rec = evaluate_episode(method, episode, config.task, config.max_questions)
             except DoesNotFit as e:
@@ -235,6 +295,7 @@ def run_eval(
         "git_commit": git_commit(),
         "model": model_name,
         "generator": generator,
+        "generator_fingerprints": fingerprints,
         "torch_threads": torch.get_num_threads(),
         "problems": problems,
         "records": records,

@@ -126,6 +126,13 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         *table("method / group", [(f"{r['method']} / {r['group']}", r) for r in by_group]),
     ]
+    reused = defaultdict(set)
+    for r in results["records"]:
+        if "reused_from" in r:
+            reused[r["reused_from"]].add(r["method"])
+    for path, methods in sorted(reused.items()):
+        lines += ["", f"Records of {', '.join(sorted(methods))} were taken over from `{path}`"
+                  " (same episodes and settings; their timings were measured in that run)."]  # fmt: skip
     if results["problems"]:
         lines += ["", "## Problems (skipped)", "", *[f"- {p}" for p in results["problems"]]]
     return "\n".join(lines) + "\n"
