@@ -3,8 +3,9 @@
     python experiments/training_report.py RUN_DIR OUT_PREFIX [--after EARLIER.metrics.csv]
 
 writes OUT_PREFIX.metrics.csv (the run's CSV; with --after, the earlier run's rows first and,
-for a run started from its weights, this run's steps shifted to follow them), OUT_PREFIX.png (train losses; held-out gap_closed of
-every objective or task) and OUT_PREFIX.json (the last held-out figures of each).
+for a run started from its weights, this run's steps shifted to follow them), OUT_PREFIX.png
+(train losses; held-out gap_closed of every objective or task; held-out choice accuracy of the
+tasks whose questions rank candidates) and OUT_PREFIX.json (the last held-out figures of each).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def main(run_dir: str, out_prefix: str, after: str | None = None) -> dict:
         writer.writerows(rows)
 
     gaps = [k for k in keys if k.startswith("val/") and k.endswith("/gap_closed")]
-    fig, axes = plt.subplots(1, 2 if gaps else 1, figsize=(11 if gaps else 6, 4), squeeze=False)
-    ax1, ax2 = axes[0][0], axes[0][-1]
+    choices = [k for k in keys if k.startswith("val/") and k.endswith("/choice")]
+    n = 1 + bool(gaps) + bool(choices)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+    ax1, ax2 = axes[0][0], axes[0][1 if gaps else 0]
     for key in (k for k in keys if k.startswith("train/") and ("loss" in k)):
         x, y = series(rows, key)
         if x:
@@ -74,6 +77,16 @@ def main(run_dir: str, out_prefix: str, after: str | None = None) -> dict:
             xlabel="step", ylabel="gap closed", title="held-out: (base − adapted) / (base − prompt)"
         )
         ax2.legend()
+    if choices:
+        ax3 = axes[0][-1]
+        for key in choices:
+            x, y = series(rows, key)
+            ax3.plot(x, y, marker="o", label=key.removeprefix("val/").removesuffix("/choice"))
+            final[key.removeprefix("val/")] = y[-1]
+        ax3.set(
+            xlabel="step", ylabel="gold ranks first", title="held-out choice accuracy", ylim=(0, 1)
+        )
+        ax3.legend()
     fig.tight_layout()
     fig.savefig(f"{out}.png", dpi=120)
     steps = [int(r["step"]) for r in rows if r.get("step")]
