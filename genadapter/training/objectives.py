@@ -246,7 +246,8 @@ def answer_losses(
     With candidate rows (`cand_*`, `cand_row`; see `collate_episodes`) and `with_ranking`, the
     second pass also scores every candidate after its question (mean log-prob per token, as
     evaluation ranks options) and adds `rank_loss`, the cross-entropy of a softmax over each
-    question's candidates with the gold one as target, and `rank_correct` (per question).
+    question's candidates with the gold one as target, `rank_correct` (per question) and
+    `cand_scores` (per candidate row).
     """
     stats, counts = chunk_statistics(
         ga, batch["context_ids"].to(ga.device), batch["context_mask"].to(ga.device)
@@ -271,7 +272,8 @@ def answer_losses(
     out = {"loss": loss_sum[:R].sum() / n_tok[:R].sum().clamp(min=1)}
     out["tokens"], out["row_loss"] = n_tok[:R].sum(), mean[:R]
     if ranking:
-        out.update(rank_candidates(-mean[R:], cand_row))
+        out["cand_scores"] = -mean[R:]
+        out.update(rank_candidates(out["cand_scores"], cand_row))
     if with_base:
         with torch.no_grad():
             base_sum, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)

@@ -1,0 +1,119 @@
+"""Instruction-tuning step with the ranking term: prompt run once (KV cache shared) vs full rows.
+
+The same `facts` training batches (4 episodes, up to 4 questions each, 4 candidates a question)
+are run three ways, forward + backward through the all-layer generator:
+- no ranking: `answer_losses(with_ranking=False)`, the answer rows only;
+- shared prompt: `answer_losses`, each question's prompt once, its KV cache copied to the answer
+  and to every candidate (what training runs);
+- full rows: every candidate as its own prompt + candidate row in one adapted pass (the direct
+  way, and the reference the shared scores must equal).
+Reported: seconds per step, each over "no ranking", and the largest score difference between
+shared and full rows (mean log-prob per candidate token).
+
+    python experiments/bench/rank_step.py      # 3 batches, 3 rounds; needs `genadapter make-benchmarks`
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import common
+import torch
+
+from genadapter import GenerativeAdapter
+from genadapter.training.instruct_data import FinetuneDataModule
+from genadapter.training.objectives import (
+    answer_losses,
+    chunk_statistics,
+    episode_state,
+    rank_candidates,
+    row_losses,
+)
+
+GENERATOR = common.ROOT / "experiments" / "pretrain" / "smollm2-wiki-all-generator"
+FACTS = common.ROOT / "data" / "benchmarks" / "facts" / "train.jsonl"
+
+
+def full_rows(ga: GenerativeAdapter, batch: dict) -> dict:
+    """Answer and candidate rows each run in full (prompt included) in one adapted pass."""
+    stats, counts = chunk_statistics(ga, batch["context_ids"], batch["context_mask"])
+    keys = ("input_ids", "attention_mask", "loss_mask")
+    L = max(batch["input_ids"].shape[1], batch["cand_input_ids"].shape[1])
+    pad = torch.nn.functional.pad
+    rows = [torch.cat([pad(batch[k], (0, L - batch[k].shape[1])),
+                       pad(batch[f"cand_{k}"], (0, L - batch[f"cand_{k}"].shape[1]))]) for k in keys]  # fmt: skip
+    episode = torch.cat([batch["row_episode"], batch["row_episode"][batch["cand_row"]]])
+    with ga.adapted(episode_state(ga, stats, counts, episode)):
+        loss_sum, n_tok = row_losses(ga.base_model, *rows)
+    R = len(batch["row_episode"])
+    mean = loss_sum / n_tok.clamp(min=1)
+    out = {"loss": loss_sum[:R].sum() / n_tok[:R].sum(), "scores": -mean[R:]}
+    return {**out, **rank_candidates(-mean[R:], batch["cand_row"])}
+
+
+def main() -> int:
+    args = common.parser(__doc__).parse_args()
+    env = common.setup(args)
+    reps = args.reps or 3
+    ga = GenerativeAdapter.from_pretrained(GENERATOR)
+    ga.train()
+    data = FinetuneDataModule(train_files={str(FACTS): 1.0}, tokenizer=ga.config.base_model,
+                              episodes_per_batch=4, max_questions=4, max_context_chunks=24,
+                              rank_options=4, lm_every=0, chunk_len=32)  # fmt: skip
+    batches = list(itertools.islice(iter(data.train_dataloader()), 2 if args.quick else 3))
+
+    def run(fn):
+        def step() -> None:
+            for batch in batches:
+                ga.generator.zero_grad(set_to_none=True)
+                out = fn(batch)
+                (out["loss"] + out.get("rank_loss", 0)).backward()
+
+        return step
+
+    methods = {
+        "no ranking": run(lambda b: answer_losses(ga, b, with_ranking=False)),
+        "shared prompt": run(lambda b: answer_losses(ga, b)),
+        "full rows": run(lambda b: full_rows(ga, b)),
+    }
+    times = common.interleaved(methods, reps)
+    med = {k: common.median(v["total"]) / len(batches) for k, v in times.items()}
+    with torch.no_grad():  # the shared scores against the full rows' (same candidates, same order)
+        diffs = []
+        for b in batches:
+            shared = answer_losses(ga, b)
+            full = full_rows(ga, b)
+            diffs.append((shared["cand_scores"] - full["scores"]).abs().max().item())
+    ratio_shared, ratio_full = (
+        med["shared prompt"] / med["no ranking"],
+        med["full rows"] / med["no ranking"],
+    )
+    rows = [[k, f"{v:.2f}", f"{v / med['no ranking']:.2f}"] for k, v in med.items()]
+    print(rows, flush=True)
+    result = {
+        **common.header("rank_step", env, ga, reps), "generator": str(GENERATOR.relative_to(common.ROOT)),
+        "batches": len(batches), "seconds_per_step": med, "shared_over_none": round(ratio_shared, 3),
+        "full_over_none": round(ratio_full, 3), "max_score_difference": max(diffs),
+        "candidate_rows_per_batch": [len(b["cand_row"]) for b in batches],
+        "answer_rows_per_batch": [len(b["row_episode"]) for b in batches],
+    }  # fmt: skip
+    markdown = "\n\n".join([
+        "## Instruction-tuning step with candidate ranking (seconds per step, forward + backward, median)",
+        common.md_table(["variant", "s / step", "over no ranking"], rows),
+        f"{len(batches)} `facts` training batches of 4 episodes, {result['answer_rows_per_batch']} questions "
+        f"and {result['candidate_rows_per_batch']} candidate rows; generator `{result['generator']}` "
+        f"(adapters in {len(ga.generator.layers)} layers). Largest candidate-score difference between the "
+        f"shared-prompt and the full-row computation: {result['max_score_difference']:.2e} nats/token. "
+        f"{reps} interleaved rounds after 1 warm-up.",
+    ])  # fmt: skip
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(med), list(med.values()), color=["grey", "tab:blue", "tab:orange"])
+    ax.set(ylabel="seconds per step", title="ranking 4 candidates a question (SmolLM2-135M, CPU)")
+    common.write("rank_step", args.out, result, markdown, fig)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
