@@ -258,6 +258,8 @@ def test_candidates_are_ranked_as_evaluation_ranks_options(tiny_dir):
     assert grads and all(torch.isfinite(g).all() for g in grads)
     with pytest.raises(ValueError, match="at least 2 candidates"):
         rank_candidates(torch.zeros(3), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="no answer tokens"):
+        answer_losses(ga, {**batch, "loss_mask": torch.zeros_like(batch["loss_mask"])})
 
 
 def test_finetune_bad_inputs(tmp_path, tiny_dir, episode_files, capsys):

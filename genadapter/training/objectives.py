@@ -187,6 +187,8 @@ def split_rows(
     first `loss_mask` token to the end of the row."""
     prompts, answers = [], []
     for row, attn, target in zip(ids, attention_mask.bool(), loss_mask.bool(), strict=True):
+        if not target.any():
+            raise ValueError("a row has no answer tokens (empty loss_mask): nothing to score")
         start, end = int(target.nonzero()[0]), int(attn.sum())
         prompts.append(row[:start])
         answers.append(row[start:end])
