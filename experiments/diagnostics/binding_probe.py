@@ -11,7 +11,8 @@ Same-type candidates only, so the question's answer type alone cannot pick the g
 High accuracy: the features allow binding, and the failure is in training the generator.
 Chance-level accuracy: per-token keys cannot bind, and the generator needs other features.
 
-    python experiments/diagnostics/binding_probe.py   # ~5 min on 2 CPU cores; needs `genadapter make-benchmarks`
+    python experiments/diagnostics/binding_probe.py          # ~3 min on 2 CPU cores; needs `genadapter make-benchmarks`
+    python experiments/diagnostics/binding_probe.py --span   # keys pooled over the value's sentence
 """
 
 from __future__ import annotations
@@ -34,16 +35,26 @@ from genadapter.eval.prompts import PromptFormat  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "benchmarks" / "facts"
-OUT = Path(__file__).parent / "results" / "binding_probe.json"
+OUT = (
+    Path(__file__).parent
+    / "results"
+    / ("binding_probe_span.json" if "--span" in sys.argv else "binding_probe.json")
+)
 LAYERS = (4, 10, 16, 22, 28)
 RANK, STEPS, SEED = 64, 300, 0
+# --span: the key is the mean state over the sentence that states the value (subject, relation
+# and value together) instead of the value's last token
+SPAN = "--span" in sys.argv
 
 
-def last_token_of(tok, doc: str, value: str) -> tuple[list[int], int]:
-    """Token ids of `doc` and the index of the last token of `value`'s first mention."""
-    end = doc.index(value) + len(value)
-    enc = tok(doc, add_special_tokens=False, return_offsets_mapping=True)
-    return enc.input_ids, max(i for i, (a, _) in enumerate(enc.offset_mapping) if a < end)
+def value_tokens(tok, doc: str, value: str) -> tuple[int, int]:
+    """Token indices in `doc` of the start of the sentence (or list item) that first mentions
+    `value`, and of the value's last token."""
+    start, end = doc.index(value), doc.index(value) + len(value)
+    begin = max(doc.rfind(c, 0, start) for c in (".", "\n", "!", "?")) + 1
+    offsets = tok(doc, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    first = min(i for i, (_, b) in enumerate(offsets) if b > begin)
+    return first, max(i for i, (a, _) in enumerate(offsets) if a < end)
 
 
 @torch.no_grad()
@@ -64,8 +75,9 @@ def episode_items(model, fmt: PromptFormat, episode) -> list[tuple[dict, list[di
         for value in values:
             doc = next((d for d in texts if value in d), None)
             if doc is not None:
-                _, last = last_token_of(tok, doc, value)
-                keys.append({layer: states(doc)[layer][0, last] for layer in LAYERS})
+                first, last = value_tokens(tok, doc, value)
+                span = slice(first if SPAN else last, last + 1)
+                keys.append({layer: states(doc)[layer][0, span].mean(0) for layer in LAYERS})
             elif value == qa.answers[0]:
                 break  # the gold value is not written verbatim: skip the question
         if len(keys) >= 2:  # the gold and at least one same-type value of another entity
