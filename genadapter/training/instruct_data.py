@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
 from genadapter.data.episodes import DemoEpisode, Episode, read_episodes
@@ -107,8 +108,8 @@ def collate_episodes(
 
     When the episodes carry context prompts, also the `prompt_*` rows (context in the prompt)
     of the questions that fit `max_prompt_len`, and `prompt_rows`, their row indices.
-    When questions carry candidates, also the `cand_*` rows (question prompt + one candidate)
-    and `cand_row`, the answer row each belongs to (the gold candidate comes first)."""
+    When questions carry candidates, also `cand_ids`, `cand_mask` (the candidates' own tokens,
+    right-padded) and `cand_row`, the answer row each follows (the gold candidate comes first)."""
     batch = collate([e.chunks for e in encoded], chunk_len, pad_id)
     batch = {"context_ids": batch["input_ids"], "context_mask": batch["attention_mask"]}
     prompts = [p for e in encoded for p in e.prompts]
@@ -118,20 +119,13 @@ def collate_episodes(
     batch["row_task"] = torch.tensor(
         [t for t, e in zip(tasks, encoded, strict=True) for _ in e.prompts]
     )
-    cand_prompts, cand_answers, cand_row = [], [], []
-    for row, (prompt, cands) in enumerate(
-        (p, c)
-        for e in encoded
-        for p, c in zip(e.prompts, e.candidates or [[]] * len(e.prompts), strict=True)
-    ):
-        cand_prompts += [prompt] * len(cands)
-        cand_answers += cands
-        cand_row += [row] * len(cands)
-    if cand_row:
-        batch.update(
-            {f"cand_{k}": v for k, v in pad_rows(cand_prompts, cand_answers, pad_id).items()}
-        )
-        batch["cand_row"] = torch.tensor(cand_row)
+    # candidates as their own tokens only: they follow their answer row's prompt, run once
+    groups = [q for e in encoded for q in e.candidates or [[]] * len(e.prompts)]  # per row
+    if any(groups):
+        cands = [torch.tensor(c) for q in groups for c in q]
+        batch["cand_ids"] = pad_sequence(cands, batch_first=True, padding_value=pad_id)
+        batch["cand_mask"] = pad_sequence([torch.ones_like(c) for c in cands], batch_first=True)
+        batch["cand_row"] = torch.tensor([row for row, q in enumerate(groups) for _ in q])
     with_context = [p for e in encoded for p in e.prompts_with_context]
     if with_context:
         fits = [i for i, (p, a) in enumerate(zip(with_context, answers, strict=True))

@@ -245,7 +245,7 @@ def answer_losses(
     `loss_mask` (R rows: prompt + answer; loss_mask marks the answer tokens), `row_episode` (R,).
     One frozen pass reads all contexts; one adapted pass runs the question prompts, one more
     their answers (`continuation_losses`). `loss` is the mean per answer token.
-    With candidate rows (`cand_*`, `cand_row`; see `collate_episodes`) and `with_ranking`, the
+    With candidates (`cand_ids`, `cand_mask`, `cand_row`; see `collate_episodes`) and `with_ranking`, the
     second pass also scores every candidate after its question (mean log-prob per token, as
     evaluation ranks options) and adds `rank_loss`, the cross-entropy of a softmax over each
     question's candidates with the gold one as target, `rank_correct` (per question) and
@@ -262,8 +262,8 @@ def answer_losses(
     ranking = with_ranking and "cand_row" in batch
     if ranking:
         cand_row = batch["cand_row"].to(ga.device)
-        continuations += split_rows(*(batch[f"cand_{k}"].to(ga.device)
-                                      for k in ("input_ids", "attention_mask", "loss_mask")))[1]  # fmt: skip
+        pairs = zip(batch["cand_ids"], batch["cand_mask"].bool(), strict=True)
+        continuations += [ids[m].to(ga.device) for ids, m in pairs]
         owner = torch.cat([owner, cand_row])
     loss_sum, n_tok = continuation_losses(
         ga, prompts, continuations, owner,
