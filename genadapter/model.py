@@ -74,13 +74,24 @@ class GenerativeAdapter(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, base_model: nn.Module | str | None = None, tokenizer: Any = None
+        cls,
+        path: str | Path,
+        base_model: nn.Module | str | None = None,
+        tokenizer: Any = None,
+        **overrides: Any,
     ) -> GenerativeAdapter:
-        """A trained generator; loads the base LM its config names unless one is passed."""
+        """A trained generator; loads the base LM its config names unless one is passed.
+
+        `overrides` replace config fields, e.g. to fine-tune under another `normalization`, or
+        on a subset of the saved targets (`layers`, `target_modules`): the weights of the targets
+        left out are dropped. Fields that change weight shapes (r, r_in) cannot be overridden."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved generator")
         config = GeneratorConfig.load(path / CONFIG_NAME)
+        if fixed := {"r", "r_in", "base_model"} & overrides.keys():
+            raise ValueError(f"cannot override {sorted(fixed)} of a trained generator")
+        config = dataclasses.replace(config, **overrides)
         if base_model is None:
             if not config.base_model:
                 raise ValueError(f"{path} names no base model; pass base_model=")
@@ -95,11 +106,12 @@ class GenerativeAdapter(nn.Module):
         )
         weights = load_file(str(path / WEIGHTS_NAME))
         expected = ga.generator_state_dict()
-        if weights.keys() != expected.keys():
+        missing = expected.keys() - weights.keys()
+        unexpected = set() if overrides else weights.keys() - expected.keys()
+        if missing or unexpected:
             raise ValueError(
-                f"{path / WEIGHTS_NAME} does not fit this base model: "
-                f"missing {sorted(expected.keys() - weights.keys())[:5]}, "
-                f"unexpected {sorted(weights.keys() - expected.keys())[:5]}"
+                f"{path / WEIGHTS_NAME} does not fit this base model and config: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         with torch.no_grad():
             for k, p in expected.items():

@@ -223,6 +223,24 @@ def test_round_trips_and_mismatch(tmp_path):
         _ = state + other.read(ids(2, 5))
 
 
+def test_from_pretrained_overrides(tmp_path):
+    ga = make("qwen2")
+    ga.save_pretrained(tmp_path / "gen")
+    weights = ga.generator_state_dict()
+    svd = GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model,
+                                            normalization="svd")  # fmt: skip
+    assert svd.config.normalization == "svd"
+    assert all(torch.equal(v, weights[k]) for k, v in svd.generator_state_dict().items())
+    suffix = ga.generator.names[-1].rsplit(".", 1)[-1]
+    sub = GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model,
+                                            target_modules=[suffix])  # fmt: skip
+    assert 0 < len(sub.generator.names) < len(ga.generator.names)
+    assert all(n.endswith(suffix) for n in sub.generator.names)
+    assert all(torch.equal(v, weights[k]) for k, v in sub.generator_state_dict().items())
+    with pytest.raises(ValueError, match="cannot override"):
+        GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model, r=8)
+
+
 # 9. base LM untouched by every public call, never requires grad; gradients reach the generator
 def test_base_untouched_and_gradients_reach_generator(tmp_path):
     ga = make("llama")

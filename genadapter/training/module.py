@@ -47,6 +47,7 @@ class GeneratorPretraining(L.LightningModule):
         base_model: str = DEFAULT_MODEL,
         generator: GeneratorConfig | None = None,
         init_from: str | None = None,
+        init_overrides: dict[str, Any] | None = None,
         completion_weight: float = 0.5,
         targets_per_doc: int = 8,
         lr: float = 1e-3,
@@ -72,7 +73,7 @@ class GeneratorPretraining(L.LightningModule):
             )
         if init_from is not None:
             self.ga = GenerativeAdapter.from_pretrained(
-                init_from, base_model=model, tokenizer=tokenizer
+                init_from, base_model=model, tokenizer=tokenizer, **(init_overrides or {})
             )
         else:
             cfg = (
