@@ -8,6 +8,7 @@ own state (rows = completion targets + reconstruction targets). No Python loop o
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -221,13 +222,17 @@ def continuation_losses(
     with ga.adapted(prompt_state) if prompt_state is not None else nullcontext():
         out = base(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                    position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)  # fmt: skip
-    cache = out.past_key_values
+    # transformers >= 5.2x names the KV cache `cache` (`past_key_values` is deprecated)
+    cache_name = (
+        "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    )
+    cache = getattr(out, cache_name)
     cache.batch_select_indices(owner)
     ids, mask = pad(continuations)
     positions = prompt_mask.sum(1)[owner, None] + torch.arange(ids.shape[1], device=ids.device)
     with ga.adapted(continuation_state) if continuation_state is not None else nullcontext():
         logits = base(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], 1),
-                      position_ids=positions, past_key_values=cache).logits  # fmt: skip
+                      position_ids=positions, **{cache_name: cache}).logits  # fmt: skip
     # the prompt's last position predicts each continuation's first token
     logits = torch.cat([out.logits[owner, -1:], logits[:, :-1]], 1)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
