@@ -61,13 +61,17 @@ class GeneratorConfig:
     svd_top_k: int | None = None
     decay: float = 1.0
     chunk_len: int = 128
+    # keys from the mean feature of each token's last `key_window` tokens (its chunk only, so
+    # reading stays exact streaming); 1 = per-token keys. Values stay per token: a value written
+    # at the end of "<subject> <relation> <value>" gets a key that still sees its subject.
+    key_window: int = 1
     dtype: str = "float32"
     init_std: float | None = None  # std of A, K, V; None = 1/sqrt(fan_in)
     base_model: str | None = None  # hub id or path of the frozen LM, recorded by from_base
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, ...)
 
     def __post_init__(self) -> None:
-        for name in ("r", "r_in", "chunk_len"):
+        for name in ("r", "r_in", "chunk_len", "key_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GeneratorConfig.{name} must be a positive int, got {value!r}")

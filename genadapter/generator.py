@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -84,6 +85,19 @@ def rms_normalize(h: Tensor) -> Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS)
 
 
+def causal_window_mean(h: Tensor, mask: Tensor, w: int) -> Tensor:
+    """Mean of h (b, t, d) over each position's last w unmasked positions of its row, itself
+    included (fewer at the row start); right padding (mask 0) never enters a real mean."""
+    if w == 1:
+        return h
+    m = mask.to(h.dtype)[..., None]
+    total = F.pad((h * m).cumsum(1), (0, 0, 1, 0))  # prefix sums, total[:, i] = sum of h[:, :i]
+    count = F.pad(m.cumsum(1), (0, 0, 1, 0))
+    end = torch.arange(1, h.shape[1] + 1, device=h.device)
+    start = (end - w).clamp(min=0)
+    return (total[:, end] - total[:, start]) / (count[:, end] - count[:, start]).clamp(min=1)
+
+
 def normalize_state(S: Tensor, n: Tensor, mode: str, top_k: int | None = None) -> Tensor:
     """N(S) for a batch of states S (b, r_in, r) with token counts n (b,). Empty rows give 0."""
     if mode == "none":
@@ -150,9 +164,10 @@ class ModuleGenerator(nn.Module):
         self.V = init(r, hidden_size)
         self.B = nn.Parameter(torch.zeros(target.out_features, r, dtype=dtype))
 
-    def statistics(self, h: Tensor, mask: Tensor) -> Tensor:
-        """sum_t (K h_t)(V h_t)^T over unmasked tokens: h (b, t, d), mask (b, t) -> (b, r_in, r)."""
-        k = (h @ self.K.T) * mask[..., None]
+    def statistics(self, h: Tensor, mask: Tensor, h_key: Tensor | None = None) -> Tensor:
+        """sum_t (K k_t)(V h_t)^T over unmasked tokens, k_t = h_key_t (default h_t):
+        h (b, t, d), mask (b, t) -> (b, r_in, r)."""
+        k = ((h if h_key is None else h_key) @ self.K.T) * mask[..., None]
         v = h @ self.V.T
         return k.transpose(1, 2) @ v
 
@@ -208,9 +223,10 @@ class Generator(nn.Module):
         out, mask = {}, mask.to(self.dtype)
         for layer in self.layers:
             h = rms_normalize(hidden_states[layer].to(self.dtype))
+            h_key = causal_window_mean(h, mask, self.config.key_window)
             for t in self.targets:
                 if t.layer == layer:
-                    out[t.name] = self[t.name].statistics(h, mask).to(self.state_dtype)
+                    out[t.name] = self[t.name].statistics(h, mask, h_key).to(self.state_dtype)
         return out
 
     def normalized(self, S: dict[str, Tensor], n: Tensor) -> dict[str, Tensor]:
@@ -232,7 +248,9 @@ class Generator(nn.Module):
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
             h = hashlib.sha256()
             c = self.config
-            h.update(repr((c.base_model, c.r, c.r_in, self.names)).encode())
+            shape = (c.base_model, c.r, c.r_in, self.names)
+            # windowed keys mean another S; per-token keys keep their earlier fingerprints
+            h.update(repr(shape + ((c.key_window,) if c.key_window != 1 else ())).encode())
             for p in params:
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self._fingerprint_cache = (key, h.hexdigest()[:16])

@@ -9,7 +9,7 @@ import torch
 from conftest import VOCAB, randomize_generator, tiny_model
 
 from genadapter import AdapterState, GenerativeAdapter, GeneratorConfig, StateMismatchError
-from genadapter.generator import PolarFactor, normalize_state
+from genadapter.generator import PolarFactor, normalize_state, rms_normalize
 
 
 def make(arch: str, seed: int = 0, random: bool = True, **cfg) -> GenerativeAdapter:
@@ -55,9 +55,10 @@ def test_fresh_generator_changes_nothing(arch):
     assert torch.equal(ga(x, state=state).logits, ga.base_model(x).logits)
 
 
-# 3. exact streaming
-def test_streaming_equalities(arch):
-    ga = make(arch, chunk_len=8)
+# 3. exact streaming (also with windowed keys: the windows stay inside a chunk)
+@pytest.mark.parametrize("key_window", [1, 3])
+def test_streaming_equalities(arch, key_window):
+    ga = make(arch, chunk_len=8, key_window=key_window)
     doc = ids(1, 32)  # four chunks
     chunks = doc.split(8, dim=1)
     whole = ga.read(doc)
@@ -81,8 +82,9 @@ def test_streaming_equalities(arch):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_matches_single_rows(arch, side):
-    ga = make(arch, chunk_len=8)
+@pytest.mark.parametrize("key_window", [1, 5])
+def test_padded_batch_matches_single_rows(arch, side, key_window):
+    ga = make(arch, chunk_len=8, key_window=key_window)
     rows = [ids(1, n, seed=n)[0] for n in (5, 19, 12)]
     width = max(len(r) for r in rows)
     x = torch.zeros(len(rows), width, dtype=torch.long)
@@ -94,6 +96,27 @@ def test_padded_batch_matches_single_rows(arch, side):
     singles = AdapterState.stack([ga.read(r) for r in rows])
     assert_states_close(batched, singles)
     assert batched.n.tolist() == [5, 19, 12]
+
+
+def test_key_window_state_matches_float64_definition(arch):
+    ga = make(arch, chunk_len=8, key_window=3)
+    doc = ids(1, 20)  # chunks of 8, 8 and 4 tokens, each read on its own
+    state = ga.read(doc)
+    expected = {}
+    with torch.no_grad():
+        for chunk in doc.split(8, dim=1):
+            hidden = ga.context_features(chunk, torch.ones_like(chunk))
+            for t in ga.generator.targets:
+                h = rms_normalize(hidden[t.layer][0].double())
+                keys = torch.stack([h[max(0, i - 2) : i + 1].mean(0) for i in range(len(h))])
+                block = ga.generator[t.name]
+                S = (keys @ block.K.double().T).T @ (h @ block.V.double().T)
+                expected[t.name] = expected.get(t.name, 0) + S
+    for name, S in expected.items():
+        torch.testing.assert_close(state.S[name][0].double(), S, rtol=1e-5, atol=1e-5)
+    per_token = make(arch, chunk_len=8)  # same seed, same weights: only the keys differ
+    assert not torch.allclose(per_token.read(doc).S[name], state.S[name])
+    assert per_token.generator.fingerprint() != ga.generator.fingerprint()
 
 
 # 4. delta weights: rank <= r, and the side path == W + dW (float64 recomputation)
