@@ -22,13 +22,14 @@ import common
 import torch
 
 from genadapter import GenerativeAdapter
-from genadapter.training.instruct_data import FinetuneDataModule
+from genadapter.training.instruct_data import FinetuneDataModule, pad_rows
 from genadapter.training.objectives import (
     answer_losses,
     chunk_statistics,
     episode_state,
     rank_candidates,
     row_losses,
+    split_rows,
 )
 
 GENERATOR = common.ROOT / "experiments" / "pretrain" / "smollm2-wiki-all-generator"
@@ -39,14 +40,13 @@ def full_rows(ga: GenerativeAdapter, batch: dict) -> dict:
     """Answer and candidate rows each run in full (prompt included) in one adapted pass."""
     stats, counts = chunk_statistics(ga, batch["context_ids"], batch["context_mask"])
     keys = ("input_ids", "attention_mask", "loss_mask")
-    L = max(batch["input_ids"].shape[1], batch["cand_input_ids"].shape[1])
-    pad = torch.nn.functional.pad
-    rows = [torch.cat([pad(batch[k], (0, L - batch[k].shape[1])),
-                       pad(batch[f"cand_{k}"], (0, L - batch[f"cand_{k}"].shape[1]))]) for k in keys]  # fmt: skip
-    episode = torch.cat([batch["row_episode"], batch["row_episode"][batch["cand_row"]]])
-    with ga.adapted(episode_state(ga, stats, counts, episode)):
-        loss_sum, n_tok = row_losses(ga.base_model, *rows)
-    R = len(batch["row_episode"])
+    prompts, answers = split_rows(*(batch[k] for k in keys))
+    cands = [ids[m] for ids, m in zip(batch["cand_ids"], batch["cand_mask"].bool(), strict=True)]
+    owner = torch.cat([torch.arange(len(prompts)), batch["cand_row"]])
+    rows = pad_rows([prompts[i].tolist() for i in owner], [c.tolist() for c in answers + cands], 0)
+    with ga.adapted(episode_state(ga, stats, counts, batch["row_episode"][owner])):
+        loss_sum, n_tok = row_losses(ga.base_model, *(rows[k] for k in keys))
+    R = len(prompts)
     mean = loss_sum / n_tok.clamp(min=1)
     out = {"loss": loss_sum[:R].sum() / n_tok[:R].sum(), "scores": -mean[R:]}
     return {**out, **rank_candidates(-mean[R:], batch["cand_row"])}
