@@ -1,0 +1,100 @@
+"""Table and plot of the instruction-tuning ablations (the configs in this folder).
+
+    python experiments/finetune/ablations/report.py
+
+Copies the metrics CSV of every run found under runs/ablation-ft-*/ into results/ (committed),
+then builds results.md, results.json and results.png from results/*.metrics.csv: per ablation
+and validation step, the held-out facts answer NLL under the state (loss_adapted, next to the
+base's and the prompt's) and the choice accuracy among 4 candidates (chance 25 %).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[2]
+RESULTS = HERE / "results"
+TASK = "val/facts/validation"
+ORDER = ("base", "keywin16", "svd", "attention", "mlp", "scratch")
+LABELS = {
+    "base": "reference: pretrained all-layer generator, per-token keys, Frobenius",
+    "keywin16": "keys: mean of the last 16 tokens (key_window 16)",
+    "svd": "normalisation: SVD",
+    "attention": "targets: o_proj only",
+    "mlp": "targets: down_proj only",
+    "scratch": "no pretraining (fresh generator)",
+}
+
+
+def read_run(path: Path) -> list[dict]:
+    """Validation rows (step, NLL base / adapted / prompt, choice) of one metrics CSV."""
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get(f"{TASK}/loss_adapted")]
+    keys = ("loss_base", "loss_adapted", "loss_prompt", "choice")
+    return [
+        {"step": int(r["step"]) + 1, **{k: float(r[f"{TASK}/{k}"]) for k in keys}} for r in rows
+    ]
+
+
+def main() -> int:
+    RESULTS.mkdir(exist_ok=True)
+    for run in sorted(ROOT.glob("runs/ablation-ft-*/csv/metrics.csv")):
+        name = run.parents[1].name.removeprefix("ablation-ft-")
+        shutil.copy(run, RESULTS / f"{name}.metrics.csv")
+    found = {
+        p.name.removesuffix(".metrics.csv"): read_run(p) for p in RESULTS.glob("*.metrics.csv")
+    }
+    runs = {k: found[k] for k in (*ORDER, *sorted(set(found) - set(ORDER))) if found.get(k)}
+    if not runs:
+        raise SystemExit("no ablation runs found: run the configs in this folder first")
+    (RESULTS / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
+
+    steps = sorted({r["step"] for rows in runs.values() for r in rows})
+    head = " | ".join(f"step {s}" for s in steps)
+    lines = [
+        "Held-out facts validation (24 episodes): answer NLL under the state / choice accuracy % "
+        "among 4 candidates (chance 25)\n",
+        f"| ablation | {head} | base NLL | prompt NLL |",
+        "|---|" + "---|" * (len(steps) + 2),
+    ]
+    for name, rows in runs.items():
+        by_step = {r["step"]: r for r in rows}
+        cells = [f"{by_step[s]['loss_adapted']:.2f} / {100 * by_step[s]['choice']:.0f}"
+                 if s in by_step else "–" for s in steps]  # fmt: skip
+        last = rows[-1]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {last['loss_base']:.2f} | {last['loss_prompt']:.2f} |"
+        )
+    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in runs.items():
+        x = [r["step"] for r in rows]
+        ax1.plot(x, [r["loss_adapted"] for r in rows], marker="o", label=LABELS.get(name, name))
+        ax2.plot(x, [100 * r["choice"] for r in rows], marker="o", label=LABELS.get(name, name))
+    any_rows = next(iter(runs.values()))
+    ax1.axhline(any_rows[-1]["loss_base"], color="grey", ls=":", label="base (no context)")
+    ax1.axhline(any_rows[-1]["loss_prompt"], color="black", ls="--", label="prompt")
+    ax2.axhline(25, color="grey", ls=":", label="chance")
+    ax1.set(xlabel="step", ylabel="answer NLL (nats/token)", title="held-out facts answer NLL")
+    ax2.set(xlabel="step", ylabel="choice accuracy %", title="gold among 4 same-type candidates")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "results.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
