@@ -107,7 +107,9 @@ class GenerativeAdapter(nn.Module):
         weights = load_file(str(path / WEIGHTS_NAME))
         expected = ga.generator_state_dict()
         missing = expected.keys() - weights.keys()
-        unexpected = set() if overrides else weights.keys() - expected.keys()
+        # only overriding the targets may leave saved weights unused
+        subset = {"layers", "target_modules"} & overrides.keys()
+        unexpected = set() if subset else weights.keys() - expected.keys()
         if missing or unexpected:
             raise ValueError(
                 f"{path / WEIGHTS_NAME} does not fit this base model and config: "

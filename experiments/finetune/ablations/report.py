@@ -24,8 +24,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[2]
 RESULTS = HERE / "results"
 TASK = "val/facts/validation"
-ORDER = ("base", "keywin16", "svd", "attention", "mlp", "scratch")
-LABELS = {
+LABELS = {  # also the table's row order
     "base": "reference: pretrained all-layer generator, per-token keys, Frobenius",
     "keywin16": "keys: mean of the last 16 tokens (key_window 16)",
     "svd": "normalisation: SVD",
@@ -53,7 +52,7 @@ def main() -> int:
     found = {
         p.name.removesuffix(".metrics.csv"): read_run(p) for p in RESULTS.glob("*.metrics.csv")
     }
-    runs = {k: found[k] for k in (*ORDER, *sorted(set(found) - set(ORDER))) if found.get(k)}
+    runs = {k: found[k] for k in (*LABELS, *sorted(set(found) - set(LABELS))) if found.get(k)}
     if not runs:
         raise SystemExit("no ablation runs found: run the configs in this folder first")
     (RESULTS / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
