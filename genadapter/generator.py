@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -167,9 +168,11 @@ class ModuleGenerator(nn.Module):
     def statistics(self, h: Tensor, mask: Tensor, h_key: Tensor | None = None) -> Tensor:
         """sum_t (K k_t)(V h_t)^T over unmasked tokens, k_t = h_key_t (default h_t):
         h (b, t, d), mask (b, t) -> (b, r_in, r)."""
-        k = ((h if h_key is None else h_key) @ self.K.T) * mask[..., None]
-        v = h @ self.V.T
-        return k.transpose(1, 2) @ v
+        return self.keys(h if h_key is None else h_key, mask).transpose(1, 2) @ (h @ self.V.T)
+
+    def keys(self, h_key: Tensor, mask: Tensor) -> Tensor:
+        """K k_t per token (b, t, r_in), zero at padding: what a query A x is matched against."""
+        return (h_key @ self.K.T) * mask[..., None]
 
     def mixer(self, N: Tensor, scaling: float) -> Tensor:
         """M = N (alpha/r) B^T (b, r_in, out): the side path is (x A^T) M, so made once per state
@@ -218,16 +221,32 @@ class Generator(nn.Module):
         # states are sums over many tokens: accumulate in at least float32
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
-    def statistics(self, hidden_states: tuple[Tensor, ...], mask: Tensor) -> dict[str, Tensor]:
-        """Per-row state increments from the base LM's hidden states (HF index l = input of layer l)."""
-        out, mask = {}, mask.to(self.dtype)
+    def features(
+        self, hidden_states: tuple[Tensor, ...], mask: Tensor
+    ) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """(target name, h, h_key) per target: its layer's RMS-normalised features and key features."""
         for layer in self.layers:
             h = rms_normalize(hidden_states[layer].to(self.dtype))
             h_key = causal_window_mean(h, mask, self.config.key_window)
             for t in self.targets:
                 if t.layer == layer:
-                    out[t.name] = self[t.name].statistics(h, mask, h_key).to(self.state_dtype)
-        return out
+                    yield t.name, h, h_key
+
+    def statistics(self, hidden_states: tuple[Tensor, ...], mask: Tensor) -> dict[str, Tensor]:
+        """Per-row state increments from the base LM's hidden states (HF index l = input of layer l)."""
+        mask = mask.to(self.dtype)
+        return {
+            name: self[name].statistics(h, mask, h_key).to(self.state_dtype)
+            for name, h, h_key in self.features(hidden_states, mask)
+        }
+
+    def keys(self, hidden_states: tuple[Tensor, ...], mask: Tensor) -> dict[str, Tensor]:
+        """Per-token keys {name: (b, t, r_in)} of the tokens `statistics` sums over."""
+        mask = mask.to(self.dtype)
+        return {
+            name: self[name].keys(h_key, mask)
+            for name, _, h_key in self.features(hidden_states, mask)
+        }
 
     def normalized(self, S: dict[str, Tensor], n: Tensor) -> dict[str, Tensor]:
         c = self.config

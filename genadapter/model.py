@@ -319,8 +319,13 @@ class GenerativeAdapter(nn.Module):
 
     # --- the adapted model ------------------------------------------------------------------
     @contextlib.contextmanager
-    def adapted(self, state: AdapterState) -> Iterator[None]:
-        """Within the block, every forward of `base_model` uses the state (side path, per row)."""
+    def adapted(
+        self, state: AdapterState, queries: dict[str, Tensor] | None = None
+    ) -> Iterator[None]:
+        """Within the block, every forward of `base_model` uses the state (side path, per row).
+
+        With a `queries` dict, each target's last query A x (b, s, r_in) is stored under its
+        name: what the state's keys are matched against (for retrieval losses and probes)."""
         if self._merged:
             raise RuntimeError(
                 "a state is merged into the weights: call without state= inside merged()"
@@ -347,6 +352,8 @@ class GenerativeAdapter(nn.Module):
                         )
                     Mx = Mx.repeat_interleave(x.shape[0] // Mx.shape[0], 0)  # generate's expansion
                 xa = F.linear(x.to(A.dtype), A)  # x A^T
+                if queries is not None:
+                    queries[name] = xa
                 if x.dim() == 3 and output.dtype == Mx.dtype:
                     return torch.baddbmm(output, xa, Mx)  # output + (x A^T) M in one kernel
                 return output + (xa @ Mx).to(output.dtype)

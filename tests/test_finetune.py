@@ -73,7 +73,8 @@ def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) ->
         "seed": 0,
         "run_dir": str(tmp_path / "run"),
         "model": {"base_model": str(tiny_dir), "generator": {"r": 8, "r_in": 8, "chunk_len": 4},
-                  "lr": 0.01, "warmup_steps": 2, "decay_steps": 6, "targets_per_doc": 2, "rank_weight": 0.5},
+                  "lr": 0.01, "warmup_steps": 2, "decay_steps": 6, "targets_per_doc": 2, "rank_weight": 0.5,
+                  "retrieval_weight": 0.5},
         "data": {"train_files": {str(files["qa"]): 2.0, str(files["demo"]): 1.0},
                  "val_files": [str(files["qa"]), str(files["demo"])], "episodes_per_batch": 2,
                  "max_questions": 2, "val_episodes": 2, "lm_every": 3, "source": str(files["corpus"]),
@@ -177,6 +178,95 @@ def test_tiny_model_learns_qa_through_the_state():
     assert wrong > chance  # the answer comes from the context, not from a learned prior
 
 
+def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
+    """`answer_context` marks the context tokens that spell each answer; `retrieval_loss` equals
+    a recomputation from its definition: queries A x hooked at the question's last token of an
+    adapted forward, keys K applied to windowed means of the frozen LM's hidden states."""
+    from transformers import AutoTokenizer
+
+    from genadapter.generator import rms_normalize
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = tiny_model("llama", vocab=len(tok), dtype=torch.float64)
+    cfg = GeneratorConfig(r=4, r_in=4, chunk_len=4, key_window=3, dtype="float64")
+    ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tok)
+    for block in ga.generator.blocks.values():
+        torch.nn.init.normal_(block.B)
+    raw = [qa_episode(i) for i in range(3)]
+    raw[0]["context"].append("Person9 lives in Lima. Lima, Lima!")  # answers stated twice or more
+    raw[0]["qas"][0]["answers"] = ["Lima"]
+    raw[1]["qas"].append({"question": "Who?", "answers": ["nobody at all"]})  # never stated
+    episodes = [read_episode(d) for d in raw]
+    encoded = [encode_episode(e, PromptFormat(tok), chunk_len=4) for e in episodes]
+    batch = collate_episodes(encoded, [0, 0, 0], chunk_len=4, pad_id=0)
+    flat_ids = batch["context_ids"].flatten(1)
+    answers = [qa.answers[0] for e in episodes for qa in e.qas]
+    for row, (where, answer) in enumerate(
+        zip(batch["answer_context"].flatten(1), answers, strict=True)
+    ):
+        e = int(batch["row_episode"][row])
+        stated = sum(text.count(answer) for text in episodes[e].context_texts())
+        assert stated >= (3 if row == 0 else 0)
+        spelled = tok.decode(flat_ids[e, where]).replace(" ", "")
+        assert spelled == answer.replace(" ", "") * stated
+    out = answer_losses(ga, batch, with_retrieval=True)
+    assert out["retrieval_rows"].tolist() == [
+        r for r, a in enumerate(answers) if a != "nobody at all"
+    ]
+
+    queries: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):  # the query of the prompt's last token: A x at module `name`
+        A = ga.generator[name].A
+        return lambda module, args, y: queries.__setitem__(name, args[0][0, -1] @ A.T)
+
+    losses, hits = [], []
+    for row in out["retrieval_rows"].tolist():
+        e = int(batch["row_episode"][row])
+        state = ga.new_state(1)
+        for text in episodes[e].context_texts():
+            state = ga.read(text, state)
+        hooks = [
+            ga.base_model.get_submodule(n).register_forward_hook(capture(n))
+            for n in ga.generator.names
+        ]
+        prompt = encoded[e].prompts[row - int((batch["row_episode"] < e).sum())]
+        with torch.no_grad():
+            ga(torch.tensor([prompt]), state=state)
+        for h in hooks:
+            h.remove()
+        keys = {name: [] for name in ga.generator.names}
+        for chunk, mask in zip(batch["context_ids"][e], batch["context_mask"][e], strict=True):
+            n = int(mask.sum())
+            if n:
+                hidden = model(chunk[None, :n], output_hidden_states=True).hidden_states
+            for t in ga.generator.targets:
+                h = rms_normalize(hidden[t.layer][0]) if n else None
+                for i in range(4):  # the key of token i: the mean over its last 3 tokens
+                    k = (
+                        h[max(0, i - 2) : i + 1].mean(0) @ ga.generator[t.name].K.T
+                        if i < n
+                        else None
+                    )
+                    keys[t.name].append(k)
+        gold = batch["answer_context"][row].flatten()
+        real = [i for i, k in enumerate(keys[ga.generator.names[0]]) if k is not None]
+        for name in ga.generator.names:
+            scores = torch.stack([keys[name][i] @ queries[name] for i in real]) / 2.0  # sqrt(r_in)
+            p = scores.softmax(0)
+            losses.append(-p[gold[real]].sum().log())
+            hits.append(float(gold[real][scores.argmax()]))
+    torch.testing.assert_close(
+        out["retrieval_loss"], torch.stack(losses).mean().detach(), rtol=1e-9, atol=1e-9
+    )
+    n_targets = len(ga.generator.names)
+    expected_hits = torch.tensor(hits, dtype=torch.float64).view(-1, n_targets).mean(1)
+    torch.testing.assert_close(out["retrieval_hit"].double(), expected_hits)
+    out["retrieval_loss"].backward()  # trains the match directly: K and A get gradients
+    for block in ga.generator.blocks.values():
+        assert block.K.grad.abs().sum() > 0 and block.A.grad.abs().sum() > 0
+
+
 def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir, episode_files):
     straight, _ = fit(config(tmp_path / "a", tiny_dir, episode_files))
     config(tmp_path / "b", tiny_dir, episode_files, max_steps=3)
@@ -208,7 +298,8 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
     assert 0 <= m[f"val/{episode_files['demo'].parent.name}/demo/choice"] <= 1  # labels are ranked
     lines = (tmp_path / "a" / "run" / "csv" / "metrics.csv").read_text()
     assert "train/answer_loss" in lines and "train/lm_loss" in lines  # both kinds of batch ran
-    assert "train/rank_loss" in lines
+    assert "train/rank_loss" in lines and "train/retrieval_loss" in lines
+    assert 0 <= m[f"val/{episode_files['qa'].parent.name}/qa/retrieval_hit"] <= 1
 
 
 def test_candidates_are_ranked_as_evaluation_ranks_options(tiny_dir):

@@ -6,9 +6,12 @@ with every `lm_every`-th batch a pretraining batch, so language modelling is not
 With `rank_weight` > 0 and candidate answers in the batches (data `rank_options`), the loss
 adds a ranking term: the gold answer must out-score the other candidates, foremost those the
 context mentions for other entities, which is what tells injected facts from format learning.
+With `retrieval_weight` > 0, it adds `retrieval_losses`: each target's query at the question
+must find the context tokens that spell the answer among the keys, trained directly.
 Validation reports, per task, the answer NLL with no context (`loss_base`), with the state
 (`loss_adapted`) and with the context in the prompt (`loss_prompt`), the gap closed, and with
-candidates `choice` (how often the gold answer ranks first under the state).
+candidates `choice` (how often the gold answer ranks first under the state), and
+`retrieval_hit` (how often a target's best-matching context token is an answer token).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from genadapter.training.objectives import answer_losses, pretrain_losses, row_l
 class GeneratorFinetuning(GeneratorPretraining):
     def __init__(
         self, *args, lm_weight: float = 1.0, rank_weight: float = 0.0,
-        task_names: list[str] | None = None, **kwargs,
+        retrieval_weight: float = 0.0, task_names: list[str] | None = None, **kwargs,
     ):  # fmt: skip
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
 
@@ -33,14 +36,22 @@ class GeneratorFinetuning(GeneratorPretraining):
                                   h.completion_weight, self._rng())  # fmt: skip
             self.log("train/lm_loss", out["loss"], batch_size=batch["input_ids"].shape[0])
             return self.hparams.lm_weight * out["loss"]
-        rank_weight, n = self.hparams.rank_weight, len(batch["row_task"])
-        out = answer_losses(self.ga, batch, with_ranking=rank_weight > 0)
+        h, n = self.hparams, len(batch["row_task"])
+        out = answer_losses(
+            self.ga, batch, with_ranking=h.rank_weight > 0, with_retrieval=h.retrieval_weight > 0
+        )
         self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
-        if "rank_loss" not in out:
-            return out["loss"]
-        self.log("train/rank_loss", out["rank_loss"], batch_size=n)
-        self.log("train/choice", out["rank_correct"].mean(), prog_bar=True, batch_size=n)
-        return out["loss"] + rank_weight * out["rank_loss"]
+        loss = out["loss"]
+        if "rank_loss" in out:
+            self.log("train/rank_loss", out["rank_loss"], batch_size=n)
+            self.log("train/choice", out["rank_correct"].mean(), prog_bar=True, batch_size=n)
+            loss = loss + h.rank_weight * out["rank_loss"]
+        if "retrieval_loss" in out:
+            hits = out["retrieval_hit"]
+            self.log("train/retrieval_loss", out["retrieval_loss"], batch_size=len(hits))
+            self.log("train/retrieval_hit", hits.mean(), batch_size=len(hits))
+            loss = loss + h.retrieval_weight * out["retrieval_loss"]
+        return loss
 
     def _task(self, index: int) -> str:
         names = self.hparams.task_names or []
@@ -55,7 +66,7 @@ class GeneratorFinetuning(GeneratorPretraining):
             return  # gap_closed compares the three on the same rows: those whose prompt fits
         key = batch_key(batch, batch_idx)
         first = key not in self._references  # the frozen base's losses: computed once per batch
-        out = answer_losses(self.ga, batch, with_base=first)
+        out = answer_losses(self.ga, batch, with_base=first, with_retrieval=True)
         if first:
             s, n = row_losses(self.ga.base_model, *(batch[f"prompt_{k}"].to(self.device)
                                                     for k in ("input_ids", "attention_mask", "loss_mask")))  # fmt: skip
@@ -72,6 +83,13 @@ class GeneratorFinetuning(GeneratorPretraining):
             for what, loss in losses.items():
                 self._accumulate(
                     f"{self._task(t)}/loss_{what}", (loss[sel] * weights[sel]).sum() / w, w
+                )
+        if "retrieval_hit" in out:  # over the questions whose context states the answer
+            task = batch["row_task"].to(self.device)[out["retrieval_rows"]]
+            for t in task.unique().tolist():
+                hits = out["retrieval_hit"][task == t]
+                self._accumulate(
+                    f"{self._task(t)}/retrieval_hit", hits.mean(), hits.new_tensor(len(hits))
                 )
         if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
             task = batch["row_task"].to(self.device)[out["rank_group"]]

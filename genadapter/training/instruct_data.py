@@ -13,6 +13,7 @@ modelling is not forgotten. Batch i depends only on i, which makes resuming exac
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ class EncodedEpisode:
     prompts_with_context: list[list[int]]  # the same questions, context in the prompt
     # per question: candidate answers to rank, gold first ([] for none, or no list at all)
     candidates: list[list[list[int]]] = field(default_factory=list)
+    # per question: flat positions (chunk * chunk_len + index) of the context tokens that spell
+    # its gold answer, wherever the context states it ([] if it never does; no list: not known)
+    answer_positions: list[list[int]] = field(default_factory=list)
 
 
 def question_candidates(episode: Episode, k: int) -> list[list[str]]:
@@ -64,6 +68,26 @@ def question_answers(episode: Episode) -> list[tuple[str, str]]:
     return [(qa.question, qa.answers[0]) for qa in episode.qas]
 
 
+def answer_positions(
+    texts: list[str], answers: list[str], tokenizer, chunk_len: int
+) -> list[list[int]]:
+    """Per answer, the flat chunk positions of every context token overlapping an occurrence of
+    it (the tokens `encode_episode` cuts the context into; needs a fast tokenizer's offsets)."""
+    out: list[list[int]] = [[] for _ in answers]
+    first_chunk = 0
+    for text in texts:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for i, answer in enumerate(answers):
+            spans = [(m.start(), m.end()) for m in re.finditer(re.escape(answer.strip()), text)]
+            out[i] += [
+                first_chunk * chunk_len + j
+                for j, (a, b) in enumerate(enc.offset_mapping)
+                if any(a < end and start < b for start, end in spans)
+            ]
+        first_chunk += -(-len(enc.input_ids) // chunk_len)
+    return out
+
+
 def encode_episode(
     episode: Episode, fmt: PromptFormat, chunk_len: int, questions: list[int] | None = None,
     with_context_prompts: bool = False, rank_options: int = 0,
@@ -78,6 +102,9 @@ def encode_episode(
         pairs, candidates = [pairs[i] for i in questions], [candidates[i] for i in questions]
     end = fmt.stop_token_ids()[:1]  # teach the model to stop after a short answer
     context = join_context(episode.context_texts()) if with_context_prompts else None
+    positions = []
+    if tok.is_fast and any(a.strip() for _, a in pairs):
+        positions = answer_positions(episode.context_texts(), [a for _, a in pairs], tok, chunk_len)
     return EncodedEpisode(
         chunks=chunks,
         prompts=[fmt.prompt_ids(q) for q, _ in pairs],
@@ -85,6 +112,7 @@ def encode_episode(
         prompts_with_context=[fmt.prompt_ids(q, context) for q, _ in pairs] if context else [],
         # scored as evaluation scores options: answer tokens only, no end of turn
         candidates=[[fmt.answer_ids(c) for c in cands] for cands in candidates],
+        answer_positions=positions,
     )
 
 
@@ -109,7 +137,9 @@ def collate_episodes(
     When the episodes carry context prompts, also the `prompt_*` rows (context in the prompt)
     of the questions that fit `max_prompt_len`, and `prompt_rows`, their row indices.
     When questions carry candidates, also `cand_ids`, `cand_mask` (the candidates' own tokens,
-    right-padded) and `cand_row`, the answer row each follows (the gold candidate comes first)."""
+    right-padded) and `cand_row`, the answer row each follows (the gold candidate comes first).
+    When every episode knows where its answers stand in its context, also `answer_context`
+    (R, T, C) bool: the context tokens of each row's episode that spell the row's answer."""
     batch = collate([e.chunks for e in encoded], chunk_len, pad_id)
     batch = {"context_ids": batch["input_ids"], "context_mask": batch["attention_mask"]}
     prompts = [p for e in encoded for p in e.prompts]
@@ -126,6 +156,15 @@ def collate_episodes(
         batch["cand_ids"] = pad_sequence(cands, batch_first=True, padding_value=pad_id)
         batch["cand_mask"] = pad_sequence([torch.ones_like(c) for c in cands], batch_first=True)
         batch["cand_row"] = torch.tensor([row for row, q in enumerate(groups) for _ in q])
+    if all(e.answer_positions for e in encoded):
+        T, C = batch["context_ids"].shape[1:]
+        where = torch.zeros(len(prompts), T * C, dtype=torch.bool)
+        row = 0
+        for e in encoded:
+            for pos in e.answer_positions:
+                where[row, pos] = True
+                row += 1
+        batch["answer_context"] = where.view(-1, T, C)
     with_context = [p for e in encoded for p in e.prompts_with_context]
     if with_context:
         fits = [i for i, (p, a) in enumerate(zip(with_context, answers, strict=True))

@@ -9,6 +9,7 @@ own state (rows = completion targets + reconstruction targets). No Python loop o
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -21,21 +22,29 @@ from genadapter.state import AdapterState
 
 
 def chunk_statistics(
-    ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor
+    ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor, keys: dict[str, Tensor] | None = None
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-chunk state increments: {name: (D, T, r_in, r)} and token counts (D, T)."""
+    """Per-chunk state increments: {name: (D, T, r_in, r)} and token counts (D, T).
+    With a `keys` dict, also fills it with every context token's key {name: (D, T * C, r_in)}."""
     D, T, C = input_ids.shape
     flat_ids, flat_mask = input_ids.reshape(D * T, C), mask.reshape(D * T, C)
     real = flat_mask.any(1)  # padding chunks cost nothing
+    where = real.nonzero()[:, 0].to(ga.device)
     hidden = ga.context_features(flat_ids[real], flat_mask[real])
-    stats = ga.generator.statistics(hidden, flat_mask[real].to(ga.device))
-    out = {}
-    for name, s in stats.items():
-        full = s.new_zeros(D * T, *s.shape[1:])
-        out[name] = full.index_copy(0, real.nonzero()[:, 0].to(s.device), s).view(
-            D, T, *s.shape[1:]
-        )
-    return out, flat_mask.sum(1).view(D, T).to(ga.generator.state_dtype).to(ga.device)
+    real_mask = flat_mask[real].to(ga.device)
+
+    def scatter(per_chunk: dict[str, Tensor]) -> dict[str, Tensor]:  # padding chunks get zeros
+        return {name: x.new_zeros(D * T, *x.shape[1:]).index_copy(0, where, x)
+                for name, x in per_chunk.items()}  # fmt: skip
+
+    if keys is not None:
+        keys.update({name: k.view(D, T * C, -1)
+                     for name, k in scatter(ga.generator.keys(hidden, real_mask)).items()})  # fmt: skip
+    stats = scatter(ga.generator.statistics(hidden, real_mask))
+    return (
+        {name: x.view(D, T, *x.shape[1:]) for name, x in stats.items()},
+        flat_mask.sum(1).view(D, T).to(ga.generator.state_dtype).to(ga.device),
+    )
 
 
 @dataclass
@@ -210,16 +219,18 @@ def pad(seqs: list[Tensor], left: bool = False) -> tuple[Tensor, Tensor]:
 def continuation_losses(
     ga: GenerativeAdapter, prompts: list[Tensor], continuations: list[Tensor], owner: Tensor,
     prompt_state: AdapterState | None, continuation_state: AdapterState | None,
+    prompt_queries: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Summed NLL and token count of each continuation after its prompt `prompts[owner[i]]`.
 
     Each prompt runs once (left-padded, with its positions counted from its first real token,
     so the result equals an unpadded run); its KV cache is then copied to every continuation
     that follows it: the candidates of a question cost their own few tokens, not the prompt's.
-    States None run the frozen base."""
+    States None run the frozen base. `prompt_queries` receives the prompt pass's queries
+    (`GenerativeAdapter.adapted`): position -1 is each prompt's last token."""
     base = ga.base_model
     prompt_ids, prompt_mask = pad(prompts, left=True)
-    with ga.adapted(prompt_state) if prompt_state is not None else nullcontext():
+    with ga.adapted(prompt_state, prompt_queries) if prompt_state is not None else nullcontext():
         out = base(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                    position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)  # fmt: skip
     # transformers >= 5.2x names the KV cache `cache` (`past_key_values` is deprecated)
@@ -242,7 +253,7 @@ def continuation_losses(
 
 def answer_losses(
     ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False,
-    with_ranking: bool = True,
+    with_ranking: bool = True, with_retrieval: bool = False,
 ) -> dict[str, Tensor]:  # fmt: skip
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
@@ -255,10 +266,13 @@ def answer_losses(
     evaluation ranks options) and adds `rank_loss`, the cross-entropy of a softmax over each
     question's candidates with the gold one as target, `rank_correct` (per question) and
     `cand_scores` (per candidate row).
+    With `with_retrieval` and `answer_context` in the batch, also `retrieval_loss` and
+    `retrieval_hit` (`retrieval_losses`).
     """
-    stats, counts = chunk_statistics(
-        ga, batch["context_ids"].to(ga.device), batch["context_mask"].to(ga.device)
-    )
+    context_mask = batch["context_mask"].to(ga.device)
+    retrieval = with_retrieval and "answer_context" in batch
+    keys, queries = ({}, {}) if retrieval else (None, None)
+    stats, counts = chunk_statistics(ga, batch["context_ids"].to(ga.device), context_mask, keys)
     rows = (batch[k].to(ga.device) for k in ("input_ids", "attention_mask", "loss_mask"))
     prompts, answers = split_rows(*rows)
     episode = batch["row_episode"].to(ga.device)
@@ -273,6 +287,7 @@ def answer_losses(
     loss_sum, n_tok = continuation_losses(
         ga, prompts, continuations, owner,
         episode_state(ga, stats, counts, episode), episode_state(ga, stats, counts, episode[owner]),
+        queries,
     )  # fmt: skip
     R = len(answers)
     mean = loss_sum / n_tok.clamp(min=1)
@@ -281,6 +296,10 @@ def answer_losses(
     if ranking:
         out["cand_scores"] = -mean[R:]
         out.update(rank_candidates(out["cand_scores"], cand_row))
+    if retrieval:
+        last = {name: q[:, -1] for name, q in queries.items()}
+        answer_context = batch["answer_context"].to(ga.device).flatten(1)
+        out.update(retrieval_losses(keys, last, answer_context, episode, context_mask.flatten(1)))
     if with_base:
         with torch.no_grad():
             base_sum, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)
@@ -307,4 +326,40 @@ def rank_candidates(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
         "rank_loss": F.cross_entropy(table, gold),
         "rank_correct": (table.argmax(1) == 0).float(),
         "rank_group": ids,
+    }
+
+
+def retrieval_losses(
+    keys: dict[str, Tensor], queries: dict[str, Tensor], answer_context: Tensor,
+    row_episode: Tensor, context_mask: Tensor,
+) -> dict[str, Tensor]:  # fmt: skip
+    """How well each target's query finds the answer among its episode's context keys.
+
+    keys {name: (E, N, r_in)} per context token, queries {name: (R, r_in)} per answer row (its
+    last prompt token), answer_context (R, N) the tokens that spell the row's answer,
+    context_mask (E, N). Per target and row, the scores (K h_t) . (A x) / sqrt(r_in) over the
+    episode's tokens make a softmax; `retrieval_loss` is -log of its mass on the answer tokens,
+    averaged over targets and the rows whose context states their answer (`retrieval_rows`),
+    and `retrieval_hit` the share of targets whose best-scored token is one, per such row. This trains the
+    match the state's linear read-out relies on, directly: the answer loss reaches it only
+    through the frozen LM."""
+    rows = answer_context.any(1)
+    if not rows.any():
+        return {}
+    gold, episode = answer_context[rows], row_episode[rows]
+    valid = context_mask.bool()[episode]
+    losses, hits = [], []
+    for name, k in keys.items():
+        q = queries[name][rows].to(k.dtype)
+        scores = torch.einsum("rnk,rk->rn", k[episode], q) / math.sqrt(q.shape[-1])
+        scores = scores.to(
+            torch.promote_types(scores.dtype, torch.float32)
+        )  # bf16: softmax in fp32
+        scores = scores.masked_fill(~valid, float("-inf"))
+        losses.append(scores.logsumexp(1) - scores.masked_fill(~gold, float("-inf")).logsumexp(1))
+        hits.append(gold.gather(1, scores.argmax(1, keepdim=True))[:, 0].float())
+    return {
+        "retrieval_loss": torch.stack(losses).mean(),
+        "retrieval_hit": torch.stack(hits).mean(0),
+        "retrieval_rows": rows.nonzero()[:, 0],
     }

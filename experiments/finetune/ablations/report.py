@@ -5,7 +5,9 @@
 Copies the metrics CSV of every run found under runs/ablation-ft-*/ into results/ (committed),
 then builds results.md, results.json and results.png from results/*.metrics.csv: per ablation
 and validation step, the held-out facts answer NLL under the state (loss_adapted, next to the
-base's and the prompt's) and the choice accuracy among 4 candidates (chance 25 %).
+base's and the prompt's), the choice accuracy among 4 candidates (chance 25 %) and, for runs
+logged since it exists, the retrieval hit rate at the last step (how often a target's query
+at the question finds an answer token as its best-matching context key; chance ~1 %).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ LABELS = {  # also the table's row order
     "attention": "targets: o_proj only",
     "mlp": "targets: down_proj only",
     "scratch": "no pretraining (fresh generator)",
+    "retrieval": "loss: + retrieval loss (weight 1)",
+    "retrieval-keywin16": "loss: + retrieval loss, keys: key_window 16",
 }
 
 
@@ -38,9 +42,13 @@ def read_run(path: Path) -> list[dict]:
     """Validation rows (step, NLL base / adapted / prompt, choice) of one metrics CSV."""
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get(f"{TASK}/loss_adapted")]
-    keys = ("loss_base", "loss_adapted", "loss_prompt", "choice")
+    keys = ("loss_base", "loss_adapted", "loss_prompt", "choice", "retrieval_hit")
     return [
-        {"step": int(r["step"]) + 1, **{k: float(r[f"{TASK}/{k}"]) for k in keys}} for r in rows
+        {
+            "step": int(r["step"]) + 1,
+            **{k: float(r[f"{TASK}/{k}"]) for k in keys if r.get(f"{TASK}/{k}")},
+        }
+        for r in rows
     ]
 
 
@@ -62,16 +70,17 @@ def main() -> int:
     lines = [
         "Held-out facts validation (24 episodes): answer NLL under the state / choice accuracy % "
         "among 4 candidates (chance 25)\n",
-        f"| ablation | {head} | base NLL | prompt NLL |",
-        "|---|" + "---|" * (len(steps) + 2),
+        f"| ablation | {head} | base NLL | prompt NLL | retrieval hit % |",
+        "|---|" + "---|" * (len(steps) + 3),
     ]
     for name, rows in runs.items():
         by_step = {r["step"]: r for r in rows}
         cells = [f"{by_step[s]['loss_adapted']:.2f} / {100 * by_step[s]['choice']:.0f}"
                  if s in by_step else "–" for s in steps]  # fmt: skip
         last = rows[-1]
+        hit = f"{100 * last['retrieval_hit']:.0f}" if "retrieval_hit" in last else "–"
         lines.append(
-            f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {last['loss_base']:.2f} | {last['loss_prompt']:.2f} |"
+            f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {last['loss_base']:.2f} | {last['loss_prompt']:.2f} | {hit} |"
         )
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
