@@ -220,7 +220,7 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
         A = ga.generator[name].A
         return lambda module, args, y: queries.__setitem__(name, args[0][0, -1] @ A.T)
 
-    losses, hits = [], []
+    losses, hits, shares = [], [], []
     for row in out["retrieval_rows"].tolist():
         e = int(batch["row_episode"][row])
         state = ga.new_state(1)
@@ -256,12 +256,15 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
             p = scores.softmax(0)
             losses.append(-p[gold[real]].sum().log())
             hits.append(float(gold[real][scores.argmax()]))
+            shares.append(scores.abs()[gold[real]].sum() / scores.abs().sum())
     torch.testing.assert_close(
         out["retrieval_loss"], torch.stack(losses).mean().detach(), rtol=1e-9, atol=1e-9
     )
     n_targets = len(ga.generator.names)
     expected_hits = torch.tensor(hits, dtype=torch.float64).view(-1, n_targets).mean(1)
     torch.testing.assert_close(out["retrieval_hit"].double(), expected_hits)
+    expected_shares = torch.stack(shares).view(-1, n_targets).mean(1)
+    torch.testing.assert_close(out["retrieval_share"], expected_shares.detach())
     out["retrieval_loss"].backward()  # trains the match directly: K and A get gradients
     for block in ga.generator.blocks.values():
         assert block.K.grad.abs().sum() > 0 and block.A.grad.abs().sum() > 0
@@ -299,7 +302,8 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
     lines = (tmp_path / "a" / "run" / "csv" / "metrics.csv").read_text()
     assert "train/answer_loss" in lines and "train/lm_loss" in lines  # both kinds of batch ran
     assert "train/rank_loss" in lines and "train/retrieval_loss" in lines
-    assert 0 <= m[f"val/{episode_files['qa'].parent.name}/qa/retrieval_hit"] <= 1
+    for what in ("hit", "share"):
+        assert 0 <= m[f"val/{episode_files['qa'].parent.name}/qa/retrieval_{what}"] <= 1
 
 
 def test_candidates_are_ranked_as_evaluation_ranks_options(tiny_dir):

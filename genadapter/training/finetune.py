@@ -11,7 +11,8 @@ must find the context tokens that spell the answer among the keys, trained direc
 Validation reports, per task, the answer NLL with no context (`loss_base`), with the state
 (`loss_adapted`) and with the context in the prompt (`loss_prompt`), the gap closed, and with
 candidates `choice` (how often the gold answer ranks first under the state), and
-`retrieval_hit` (how often a target's best-matching context token is an answer token).
+`retrieval_hit` / `retrieval_share` (how often a target's best-matching context token is an
+answer token / the answer tokens' share of the linear read-out's weights).
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ class GeneratorFinetuning(GeneratorPretraining):
         if "retrieval_hit" in out:  # over the questions whose context states the answer
             task = batch["row_task"].to(self.device)[out["retrieval_rows"]]
             for t in task.unique().tolist():
-                hits = out["retrieval_hit"][task == t]
-                self._accumulate(
-                    f"{self._task(t)}/retrieval_hit", hits.mean(), hits.new_tensor(len(hits))
-                )
+                for what in ("hit", "share"):
+                    x = out[f"retrieval_{what}"][task == t]
+                    self._accumulate(
+                        f"{self._task(t)}/retrieval_{what}", x.mean(), x.new_tensor(len(x))
+                    )
         if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
             task = batch["row_task"].to(self.device)[out["rank_group"]]
             for t in task.unique().tolist():

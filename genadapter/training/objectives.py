@@ -337,29 +337,32 @@ def retrieval_losses(
 
     keys {name: (E, N, r_in)} per context token, queries {name: (R, r_in)} per answer row (its
     last prompt token), answer_context (R, N) the tokens that spell the row's answer,
-    context_mask (E, N). Per target and row, the scores (K h_t) . (A x) / sqrt(r_in) over the
-    episode's tokens make a softmax; `retrieval_loss` is -log of its mass on the answer tokens,
-    averaged over targets and the rows whose context states their answer (`retrieval_rows`),
-    and `retrieval_hit` the share of targets whose best-scored token is one, per such row. This trains the
-    match the state's linear read-out relies on, directly: the answer loss reaches it only
-    through the frozen LM."""
+    context_mask (E, N). Per target and row, the scores s_t = (K h_t) . (A x) / sqrt(r_in) over
+    the episode's tokens make a softmax. For the rows whose context states their answer
+    (`retrieval_rows`), averaged over targets:
+    - `retrieval_loss`: -log of the softmax mass on the answer tokens (a mean over rows too);
+    - `retrieval_hit` (per row): how often the best-scored token is an answer token;
+    - `retrieval_share` (per row): the answer tokens' share of sum_t |s_t|, i.e. of the weight
+      the state's *linear* read-out N(S)^T A x = c sum_t s_t V h_t gives them (no softmax there).
+    The loss trains the match directly; the answer loss reaches it only through the frozen LM."""
     rows = answer_context.any(1)
     if not rows.any():
         return {}
     gold, episode = answer_context[rows], row_episode[rows]
     valid = context_mask.bool()[episode]
-    losses, hits = [], []
+    losses, hits, shares = [], [], []
     for name, k in keys.items():
         q = queries[name][rows].to(k.dtype)
         scores = torch.einsum("rnk,rk->rn", k[episode], q) / math.sqrt(q.shape[-1])
-        scores = scores.to(
-            torch.promote_types(scores.dtype, torch.float32)
-        )  # bf16: softmax in fp32
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16: fp32 softmax
         scores = scores.masked_fill(~valid, float("-inf"))
         losses.append(scores.logsumexp(1) - scores.masked_fill(~gold, float("-inf")).logsumexp(1))
         hits.append(gold.gather(1, scores.argmax(1, keepdim=True))[:, 0].float())
+        weight = scores.detach().masked_fill(~valid, 0.0).abs()
+        shares.append((weight * gold).sum(1) / weight.sum(1).clamp(min=1e-30))
     return {
         "retrieval_loss": torch.stack(losses).mean(),
         "retrieval_hit": torch.stack(hits).mean(0),
+        "retrieval_share": torch.stack(shares).mean(0),
         "retrieval_rows": rows.nonzero()[:, 0],
     }

@@ -6,8 +6,9 @@ Copies the metrics CSV of every run found under runs/ablation-ft-*/ into results
 then builds results.md, results.json and results.png from results/*.metrics.csv: per ablation
 and validation step, the held-out facts answer NLL under the state (loss_adapted, next to the
 base's and the prompt's), the choice accuracy among 4 candidates (chance 25 %) and, for runs
-logged since it exists, the retrieval hit rate at the last step (how often a target's query
-at the question finds an answer token as its best-matching context key; chance ~1 %).
+logged since they exist, the retrieval figures at the last step: how often a target's query at
+the question finds an answer token as its best-matching context key (chance ~1 %), and the
+answer tokens' share of the state's linear read-out weights |s_t| (uniform ~1 %).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def read_run(path: Path) -> list[dict]:
     """Validation rows (step, NLL base / adapted / prompt, choice) of one metrics CSV."""
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get(f"{TASK}/loss_adapted")]
-    keys = ("loss_base", "loss_adapted", "loss_prompt", "choice", "retrieval_hit")
+    keys = (
+        "loss_base",
+        "loss_adapted",
+        "loss_prompt",
+        "choice",
+        "retrieval_hit",
+        "retrieval_share",
+    )
     return [
         {
             "step": int(r["step"]) + 1,
@@ -70,7 +78,7 @@ def main() -> int:
     lines = [
         "Held-out facts validation (24 episodes): answer NLL under the state / choice accuracy % "
         "among 4 candidates (chance 25)\n",
-        f"| ablation | {head} | base NLL | prompt NLL | retrieval hit % |",
+        f"| ablation | {head} | base NLL | prompt NLL | retrieval hit / share % |",
         "|---|" + "---|" * (len(steps) + 3),
     ]
     for name, rows in runs.items():
@@ -78,7 +86,11 @@ def main() -> int:
         cells = [f"{by_step[s]['loss_adapted']:.2f} / {100 * by_step[s]['choice']:.0f}"
                  if s in by_step else "–" for s in steps]  # fmt: skip
         last = rows[-1]
-        hit = f"{100 * last['retrieval_hit']:.0f}" if "retrieval_hit" in last else "–"
+        hit = (
+            f"{100 * last['retrieval_hit']:.0f} / {100 * last['retrieval_share']:.1f}"
+            if "retrieval_hit" in last
+            else "–"
+        )
         lines.append(
             f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {last['loss_base']:.2f} | {last['loss_prompt']:.2f} | {hit} |"
         )
