@@ -265,6 +265,11 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
     torch.testing.assert_close(out["retrieval_hit"].double(), expected_hits)
     expected_shares = torch.stack(shares).view(-1, n_targets).mean(1)
     torch.testing.assert_close(out["retrieval_share"], expected_shares.detach())
+    share = answer_losses(ga, batch, with_retrieval=True, retrieval_kind="share")
+    expected_share_loss = -torch.stack(shares).log().mean().detach()
+    torch.testing.assert_close(share["retrieval_loss"], expected_share_loss, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="'softmax' or 'share'"):
+        answer_losses(ga, batch, with_retrieval=True, retrieval_kind="cosine")
     out["retrieval_loss"].backward()  # trains the match directly: K and A get gradients
     for block in ga.generator.blocks.values():
         assert block.K.grad.abs().sum() > 0 and block.A.grad.abs().sum() > 0
@@ -371,3 +376,5 @@ def test_finetune_bad_inputs(tmp_path, tiny_dir, episode_files, capsys):
     cfg.write_text(text)
     assert main(["--config", str(cfg)]) == 2
     assert "episode file not found" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="retrieval_kind"):
+        GeneratorFinetuning(base_model=str(tiny_dir), retrieval_kind="dot")

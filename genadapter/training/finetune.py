@@ -6,8 +6,9 @@ with every `lm_every`-th batch a pretraining batch, so language modelling is not
 With `rank_weight` > 0 and candidate answers in the batches (data `rank_options`), the loss
 adds a ranking term: the gold answer must out-score the other candidates, foremost those the
 context mentions for other entities, which is what tells injected facts from format learning.
-With `retrieval_weight` > 0, it adds `retrieval_losses`: each target's query at the question
-must find the context tokens that spell the answer among the keys, trained directly.
+With `retrieval_weight` > 0, it adds `retrieval_losses` (`retrieval_kind` "softmax" or
+"share"): each target's query at the question must find the context tokens that spell the
+answer among the keys, trained directly.
 Validation reports, per task, the answer NLL with no context (`loss_base`), with the state
 (`loss_adapted`) and with the context in the prompt (`loss_prompt`), the gap closed, and with
 candidates `choice` (how often the gold answer ranks first under the state), and
@@ -26,9 +27,12 @@ from genadapter.training.objectives import answer_losses, pretrain_losses, row_l
 class GeneratorFinetuning(GeneratorPretraining):
     def __init__(
         self, *args, lm_weight: float = 1.0, rank_weight: float = 0.0,
-        retrieval_weight: float = 0.0, task_names: list[str] | None = None, **kwargs,
+        retrieval_weight: float = 0.0, retrieval_kind: str = "softmax",
+        task_names: list[str] | None = None, **kwargs,
     ):  # fmt: skip
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
+        if retrieval_kind not in ("softmax", "share"):
+            raise ValueError(f"retrieval_kind must be 'softmax' or 'share', got {retrieval_kind!r}")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if "context_ids" not in batch:  # a pretraining batch
@@ -39,8 +43,9 @@ class GeneratorFinetuning(GeneratorPretraining):
             return self.hparams.lm_weight * out["loss"]
         h, n = self.hparams, len(batch["row_task"])
         out = answer_losses(
-            self.ga, batch, with_ranking=h.rank_weight > 0, with_retrieval=h.retrieval_weight > 0
-        )
+            self.ga, batch, with_ranking=h.rank_weight > 0,
+            with_retrieval=h.retrieval_weight > 0, retrieval_kind=h.retrieval_kind,
+        )  # fmt: skip
         self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
         loss = out["loss"]
         if "rank_loss" in out:

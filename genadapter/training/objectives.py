@@ -253,7 +253,7 @@ def continuation_losses(
 
 def answer_losses(
     ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False,
-    with_ranking: bool = True, with_retrieval: bool = False,
+    with_ranking: bool = True, with_retrieval: bool = False, retrieval_kind: str = "softmax",
 ) -> dict[str, Tensor]:  # fmt: skip
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
@@ -266,8 +266,8 @@ def answer_losses(
     evaluation ranks options) and adds `rank_loss`, the cross-entropy of a softmax over each
     question's candidates with the gold one as target, `rank_correct` (per question) and
     `cand_scores` (per candidate row).
-    With `with_retrieval` and `answer_context` in the batch, also `retrieval_loss` and
-    `retrieval_hit` (`retrieval_losses`).
+    With `with_retrieval` and `answer_context` in the batch, also the `retrieval_*` figures of
+    `retrieval_losses` (of `retrieval_kind`).
     """
     context_mask = batch["context_mask"].to(ga.device)
     retrieval = with_retrieval and "answer_context" in batch
@@ -299,7 +299,8 @@ def answer_losses(
     if retrieval:
         last = {name: q[:, -1] for name, q in queries.items()}
         answer_context = batch["answer_context"].to(ga.device).flatten(1)
-        out.update(retrieval_losses(keys, last, answer_context, episode, context_mask.flatten(1)))
+        out.update(retrieval_losses(keys, last, answer_context, episode, context_mask.flatten(1),
+                                    retrieval_kind))  # fmt: skip
     if with_base:
         with torch.no_grad():
             base_sum, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)
@@ -331,7 +332,7 @@ def rank_candidates(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
 
 def retrieval_losses(
     keys: dict[str, Tensor], queries: dict[str, Tensor], answer_context: Tensor,
-    row_episode: Tensor, context_mask: Tensor,
+    row_episode: Tensor, context_mask: Tensor, kind: str = "softmax",
 ) -> dict[str, Tensor]:  # fmt: skip
     """How well each target's query finds the answer among its episode's context keys.
 
@@ -340,11 +341,15 @@ def retrieval_losses(
     context_mask (E, N). Per target and row, the scores s_t = (K h_t) . (A x) / sqrt(r_in) over
     the episode's tokens make a softmax. For the rows whose context states their answer
     (`retrieval_rows`), averaged over targets:
-    - `retrieval_loss`: -log of the softmax mass on the answer tokens (a mean over rows too);
     - `retrieval_hit` (per row): how often the best-scored token is an answer token;
     - `retrieval_share` (per row): the answer tokens' share of sum_t |s_t|, i.e. of the weight
-      the state's *linear* read-out N(S)^T A x = c sum_t s_t V h_t gives them (no softmax there).
+      the state's *linear* read-out N(S)^T A x = c sum_t s_t V h_t gives them (no softmax there);
+    - `retrieval_loss` (a mean over rows too), of `kind` "softmax": -log of the softmax mass on
+      the answer tokens (they must out-score the rest), or "share": -log of the share (every
+      other score must also shrink towards 0, which is what the linear read-out needs).
     The loss trains the match directly; the answer loss reaches it only through the frozen LM."""
+    if kind not in ("softmax", "share"):
+        raise ValueError(f"retrieval loss kind must be 'softmax' or 'share', got {kind!r}")
     rows = answer_context.any(1)
     if not rows.any():
         return {}
@@ -356,10 +361,15 @@ def retrieval_losses(
         scores = torch.einsum("rnk,rk->rn", k[episode], q) / math.sqrt(q.shape[-1])
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16: fp32 softmax
         scores = scores.masked_fill(~valid, float("-inf"))
-        losses.append(scores.logsumexp(1) - scores.masked_fill(~gold, float("-inf")).logsumexp(1))
         hits.append(gold.gather(1, scores.argmax(1, keepdim=True))[:, 0].float())
-        weight = scores.detach().masked_fill(~valid, 0.0).abs()
-        shares.append((weight * gold).sum(1) / weight.sum(1).clamp(min=1e-30))
+        weight = scores.masked_fill(~valid, 0.0).abs()
+        share = (weight * gold).sum(1) / weight.sum(1).clamp(min=1e-30)
+        shares.append(share.detach())
+        if kind == "share":
+            losses.append(-share.clamp(min=1e-30).log())
+        else:
+            gold_mass = scores.masked_fill(~gold, float("-inf")).logsumexp(1)
+            losses.append(scores.logsumexp(1) - gold_mass)
     return {
         "retrieval_loss": torch.stack(losses).mean(),
         "retrieval_hit": torch.stack(hits).mean(0),
