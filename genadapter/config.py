@@ -65,6 +65,9 @@ class GeneratorConfig:
     # reading stays exact streaming); 1 = per-token keys. Values stay per token: a value written
     # at the end of "<subject> <relation> <value>" gets a key that still sees its subject.
     key_window: int = 1
+    # a learned per-token write gate 2 sigmoid(G . h_t) on each key (G = 0 at init: gate 1), so
+    # the state can keep the tokens that carry facts and drop the rest; streaming stays exact
+    key_gate: bool = False
     dtype: str = "float32"
     init_std: float | None = None  # std of A, K, V; None = 1/sqrt(fan_in)
     base_model: str | None = None  # hub id or path of the frozen LM, recorded by from_base
@@ -75,6 +78,8 @@ class GeneratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GeneratorConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.key_gate, bool):
+            raise ValueError(f"GeneratorConfig.key_gate must be a bool, got {self.key_gate!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"

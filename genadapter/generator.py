@@ -148,7 +148,8 @@ class PolarFactor(torch.autograd.Function):
 
 
 class ModuleGenerator(nn.Module):
-    """Projections of one target module: A (r_in x in), K (r_in x d), V (r x d), B (out x r)."""
+    """Projections of one target module: A (r_in x in), K (r_in x d), V (r x d), B (out x r),
+    and with `key_gate` the write gate G (d)."""
 
     def __init__(
         self, target: Target, hidden_size: int, config: GeneratorConfig, dtype: torch.dtype
@@ -164,15 +165,20 @@ class ModuleGenerator(nn.Module):
         self.K = init(r_in, hidden_size)
         self.V = init(r, hidden_size)
         self.B = nn.Parameter(torch.zeros(target.out_features, r, dtype=dtype))
+        gate = nn.Parameter(torch.zeros(hidden_size, dtype=dtype)) if config.key_gate else None
+        self.register_parameter("G", gate)
 
     def statistics(self, h: Tensor, mask: Tensor, h_key: Tensor | None = None) -> Tensor:
-        """sum_t (K k_t)(V h_t)^T over unmasked tokens, k_t = h_key_t (default h_t):
-        h (b, t, d), mask (b, t) -> (b, r_in, r)."""
-        return self.keys(h if h_key is None else h_key, mask).transpose(1, 2) @ (h @ self.V.T)
+        """sum_t g_t (K k_t)(V h_t)^T over unmasked tokens, k_t = h_key_t (default h_t), g_t the
+        write gate (1 without one): h (b, t, d), mask (b, t) -> (b, r_in, r)."""
+        return self.keys(h, mask, h_key).transpose(1, 2) @ (h @ self.V.T)
 
-    def keys(self, h_key: Tensor, mask: Tensor) -> Tensor:
-        """K k_t per token (b, t, r_in), zero at padding: what a query A x is matched against."""
-        return (h_key @ self.K.T) * mask[..., None]
+    def keys(self, h: Tensor, mask: Tensor, h_key: Tensor | None = None) -> Tensor:
+        """g_t K k_t per token (b, t, r_in), zero at padding: what a query A x is matched against."""
+        k = (h if h_key is None else h_key) @ self.K.T
+        if self.G is not None:
+            k = k * (2 * torch.sigmoid(h @ self.G))[..., None]
+        return k * mask[..., None]
 
     def mixer(self, N: Tensor, scaling: float) -> Tensor:
         """M = N (alpha/r) B^T (b, r_in, out): the side path is (x A^T) M, so made once per state
@@ -244,8 +250,8 @@ class Generator(nn.Module):
         """Per-token keys {name: (b, t, r_in)} of the tokens `statistics` sums over."""
         mask = mask.to(self.dtype)
         return {
-            name: self[name].keys(h_key, mask)
-            for name, _, h_key in self.features(hidden_states, mask)
+            name: self[name].keys(h, mask, h_key)
+            for name, h, h_key in self.features(hidden_states, mask)
         }
 
     def normalized(self, S: dict[str, Tensor], n: Tensor) -> dict[str, Tensor]:
@@ -262,13 +268,15 @@ class Generator(nn.Module):
 
     def fingerprint(self) -> str:
         """Identity of what a state means: config shape + the K, V weights that produce S."""
-        params = [p for name in self.names for p in (self[name].K, self[name].V)]
+        blocks = [self[name] for name in self.names]
+        params = [p for b in blocks for p in (b.K, b.V, b.G) if p is not None]
         key = tuple((p.data_ptr(), p._version) for p in params)
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
             h = hashlib.sha256()
             c = self.config
             shape = (c.base_model, c.r, c.r_in, self.names)
             # windowed keys mean another S; per-token keys keep their earlier fingerprints
+            # (a gate's weights enter below, with K and V)
             h.update(repr(shape + ((c.key_window,) if c.key_window != 1 else ())).encode())
             for p in params:
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

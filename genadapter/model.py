@@ -84,13 +84,15 @@ class GenerativeAdapter(nn.Module):
 
         `overrides` replace config fields, e.g. to fine-tune under another `normalization`, or
         on a subset of the saved targets (`layers`, `target_modules`): the weights of the targets
-        left out are dropped. Fields that change weight shapes (r, r_in) cannot be overridden."""
+        left out are dropped; `key_gate=True` on an ungated generator adds open gates (G = 0).
+        Fields that change weight shapes (r, r_in) cannot be overridden."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved generator")
         config = GeneratorConfig.load(path / CONFIG_NAME)
         if fixed := {"r", "r_in", "base_model"} & overrides.keys():
             raise ValueError(f"cannot override {sorted(fixed)} of a trained generator")
+        config_had_gate = config.key_gate
         config = dataclasses.replace(config, **overrides)
         if base_model is None:
             if not config.base_model:
@@ -107,6 +109,8 @@ class GenerativeAdapter(nn.Module):
         weights = load_file(str(path / WEIGHTS_NAME))
         expected = ga.generator_state_dict()
         missing = expected.keys() - weights.keys()
+        if overrides.get("key_gate") and not config_had_gate:  # a new gate starts open (G = 0)
+            missing = {k for k in missing if not k.endswith(".G")}
         # only overriding the targets may leave saved weights unused
         subset = {"layers", "target_modules"} & overrides.keys()
         unexpected = set() if subset else weights.keys() - expected.keys()
@@ -117,13 +121,17 @@ class GenerativeAdapter(nn.Module):
             )
         with torch.no_grad():
             for k, p in expected.items():
-                p.copy_(weights[k])
+                if k in weights:
+                    p.copy_(weights[k])
         return ga
 
     def generator_state_dict(self) -> dict[str, Tensor]:
-        """Generator parameters keyed by the base-LM module they adapt: '<module>.<A|K|V|B>'."""
+        """Generator parameters keyed by the base-LM module they adapt: '<module>.<A|K|V|B|G>' (G: the write gate, if any)."""
         return {
-            f"{n}.{p}": getattr(self.generator[n], p) for n in self.generator.names for p in "AKVB"
+            f"{n}.{p}": getattr(self.generator[n], p)
+            for n in self.generator.names
+            for p in "AKVBG"
+            if getattr(self.generator[n], p) is not None
         }
 
     def save_pretrained(self, path: str | Path) -> None:

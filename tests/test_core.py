@@ -55,10 +55,10 @@ def test_fresh_generator_changes_nothing(arch):
     assert torch.equal(ga(x, state=state).logits, ga.base_model(x).logits)
 
 
-# 3. exact streaming (also with windowed keys: the windows stay inside a chunk)
-@pytest.mark.parametrize("key_window", [1, 3])
-def test_streaming_equalities(arch, key_window):
-    ga = make(arch, chunk_len=8, key_window=key_window)
+# 3. exact streaming (also with windowed keys: the windows stay inside a chunk; and gates)
+@pytest.mark.parametrize("key_window,key_gate", [(1, False), (3, True)])
+def test_streaming_equalities(arch, key_window, key_gate):
+    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate)
     doc = ids(1, 32)  # four chunks
     chunks = doc.split(8, dim=1)
     whole = ga.read(doc)
@@ -82,9 +82,9 @@ def test_streaming_equalities(arch, key_window):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("key_window", [1, 5])
-def test_padded_batch_matches_single_rows(arch, side, key_window):
-    ga = make(arch, chunk_len=8, key_window=key_window)
+@pytest.mark.parametrize("key_window,key_gate", [(1, False), (5, True)])
+def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate):
+    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate)
     rows = [ids(1, n, seed=n)[0] for n in (5, 19, 12)]
     width = max(len(r) for r in rows)
     x = torch.zeros(len(rows), width, dtype=torch.long)
@@ -98,8 +98,9 @@ def test_padded_batch_matches_single_rows(arch, side, key_window):
     assert batched.n.tolist() == [5, 19, 12]
 
 
-def test_key_window_state_matches_float64_definition(arch):
-    ga = make(arch, chunk_len=8, key_window=3)
+@pytest.mark.parametrize("key_gate", [False, True])
+def test_key_window_state_matches_float64_definition(arch, key_gate):
+    ga = make(arch, chunk_len=8, key_window=3, key_gate=key_gate)
     doc = ids(1, 20)  # chunks of 8, 8 and 4 tokens, each read on its own
     state = ga.read(doc)
     expected = {}
@@ -110,13 +111,17 @@ def test_key_window_state_matches_float64_definition(arch):
                 h = rms_normalize(hidden[t.layer][0].double())
                 keys = torch.stack([h[max(0, i - 2) : i + 1].mean(0) for i in range(len(h))])
                 block = ga.generator[t.name]
+                if key_gate:  # each token's write gate, from its own features
+                    keys = keys * (2 * torch.sigmoid(h @ block.G.double()))[:, None]
                 S = (keys @ block.K.double().T).T @ (h @ block.V.double().T)
                 expected[t.name] = expected.get(t.name, 0) + S
     for name, S in expected.items():
         torch.testing.assert_close(state.S[name][0].double(), S, rtol=1e-5, atol=1e-5)
-    per_token = make(arch, chunk_len=8)  # same seed, same weights: only the keys differ
+    per_token = make(arch, chunk_len=8)  # same seed, same A K V B: only the keys differ
     assert not torch.allclose(per_token.read(doc).S[name], state.S[name])
     assert per_token.generator.fingerprint() != ga.generator.fingerprint()
+    if key_gate:  # the gate is saved and loaded with the rest
+        assert all(f"{n}.G" in ga.generator_state_dict() for n in ga.generator.names)
 
 
 # 4. delta weights: rank <= r, and the side path == W + dW (float64 recomputation)
@@ -262,6 +267,20 @@ def test_from_pretrained_overrides(tmp_path):
     assert all(torch.equal(v, weights[k]) for k, v in sub.generator_state_dict().items())
     with pytest.raises(ValueError, match="cannot override"):
         GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model, r=8)
+    # gates added to an ungated generator start open: the same states and outputs
+    gated = GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model,
+                                              key_gate=True)  # fmt: skip
+    assert all(torch.equal(gated.generator[n].G, torch.zeros_like(gated.generator[n].G))
+               for n in gated.generator.names)  # fmt: skip
+    x = ids(1, 20)
+    assert_states_close(gated.read(x), ga.read(x), tol=1e-6)
+    gated.save_pretrained(tmp_path / "gated")
+    reloaded = GenerativeAdapter.from_pretrained(tmp_path / "gated", base_model=ga.base_model)
+    assert reloaded.config.key_gate and set(reloaded.generator_state_dict()) == set(
+        gated.generator_state_dict()
+    )
+    with pytest.raises(ValueError, match="key_gate must be a bool"):
+        GeneratorConfig(key_gate="yes")
 
 
 # 9. base LM untouched by every public call, never requires grad; gradients reach the generator

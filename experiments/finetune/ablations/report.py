@@ -34,7 +34,8 @@ LABELS = {  # also the table's row order
     "attention": "targets: o_proj only",
     "mlp": "targets: down_proj only",
     "scratch": "no pretraining (fresh generator)",
-    "retrieval": "loss: + retrieval loss (weight 1)",
+    "retrieval": "loss: + retrieval loss of kind softmax (weight 1)",
+    "retrieval-share": "loss: + retrieval loss of kind share (weight 1)",
     "retrieval-keywin16": "loss: + retrieval loss, keys: key_window 16",
 }
 
