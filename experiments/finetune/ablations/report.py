@@ -36,6 +36,9 @@ LABELS = {  # also the table's row order
     "scratch": "no pretraining (fresh generator)",
     "retrieval": "loss: + retrieval loss of kind softmax (weight 1)",
     "retrieval-share": "loss: + retrieval loss of kind share (weight 1)",
+    "gate": "keys: learned write gate (key_gate)",
+    "gate-share": "keys: write gate, loss: + retrieval loss of kind share",
+    "gate-share-long": "the same, 360 steps",
     "retrieval-keywin16": "loss: + retrieval loss, keys: key_window 16",
 }
 
