@@ -101,22 +101,30 @@ def main() -> int:
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 6.5))
     for name, rows in runs.items():
         x = [r["step"] for r in rows]
-        ax1.plot(x, [r["loss_adapted"] for r in rows], marker="o", label=LABELS.get(name, name))
-        ax2.plot(x, [100 * r["choice"] for r in rows], marker="o", label=LABELS.get(name, name))
+        style = {"marker": "o", "label": LABELS.get(name, name)}
+        ax1.plot(x, [r["loss_adapted"] for r in rows], **style)
+        ax2.plot(x, [100 * r["choice"] for r in rows], **style)
+        shared = [r for r in rows if "retrieval_share" in r]
+        ax3.plot([r["step"] for r in shared], [100 * r["retrieval_share"] for r in shared], **style)
     any_rows = next(iter(runs.values()))
     ax1.axhline(any_rows[-1]["loss_base"], color="grey", ls=":", label="base (no context)")
     ax1.axhline(any_rows[-1]["loss_prompt"], color="black", ls="--", label="prompt")
-    ax2.axhline(25, color="grey", ls=":", label="chance")
+    ax2.axhline(25, color="grey", ls="-.", label="chance (choice)")
     ax2.set_ylim(0, 60)  # a full-scale axis: the differences are within noise (65 questions)
     ax1.set(xlabel="step", ylabel="answer NLL (nats/token)", title="held-out facts answer NLL")
     ax2.set(xlabel="step", ylabel="choice accuracy %", title="gold among 4 same-type candidates")
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
+    ax3.set(xlabel="step", ylabel="answer tokens' share of |s_t| (%)",
+            title="retrieval share of the linear read-out")  # fmt: skip
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles = {}
+    for ax in (ax1, ax2, ax3):  # one legend for all panels, below them
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(RESULTS / "results.png", dpi=120)
     return 0
 
