@@ -6,7 +6,9 @@ are run three ways, forward + backward through the all-layer generator:
 - shared prompt: `answer_losses`, each question's prompt once, its KV cache copied to the answer
   and to every candidate (what training runs);
 - full rows: every candidate as its own prompt + candidate row in one adapted pass (the direct
-  way, and the reference the shared scores must equal).
+  way, and the reference the shared scores must equal);
+- shared prompt + retrieval: as training runs with `retrieval_weight` > 0 (the retrieval loss
+  of `objectives.retrieval_losses` on top of the ranking term).
 Reported: seconds per step, each over "no ranking", and the largest score difference between
 shared and full rows (mean log-prob per candidate token).
 
@@ -68,7 +70,7 @@ def main() -> int:
             for batch in batches:
                 ga.generator.zero_grad(set_to_none=True)
                 out = fn(batch)
-                (out["loss"] + out.get("rank_loss", 0)).backward()
+                (out["loss"] + out.get("rank_loss", 0) + out.get("retrieval_loss", 0)).backward()
 
         return step
 
@@ -76,6 +78,7 @@ def main() -> int:
         "no ranking": run(lambda b: answer_losses(ga, b, with_ranking=False)),
         "shared prompt": run(lambda b: answer_losses(ga, b)),
         "full rows": run(lambda b: full_rows(ga, b)),
+        "shared prompt + retrieval": run(lambda b: answer_losses(ga, b, with_retrieval=True)),
     }
     times = common.interleaved(methods, reps)
     med = {k: common.median(v["total"]) / len(batches) for k, v in times.items()}
@@ -108,8 +111,8 @@ def main() -> int:
         f"{reps} interleaved rounds after 1 warm-up.",
     ])  # fmt: skip
     plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(list(med), list(med.values()), color=["grey", "tab:blue", "tab:orange"])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(list(med), list(med.values()), color=["grey", "tab:blue", "tab:orange", "tab:green"])
     ax.set(ylabel="seconds per step", title="ranking 4 candidates a question (SmolLM2-135M, CPU)")
     common.write("rank_step", args.out, result, markdown, fig)
     return 0
