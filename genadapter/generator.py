@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -168,13 +167,14 @@ class ModuleGenerator(nn.Module):
         gate = nn.Parameter(torch.zeros(hidden_size, dtype=dtype)) if config.key_gate else None
         self.register_parameter("G", gate)
 
-    def statistics(self, h: Tensor, mask: Tensor, h_key: Tensor | None = None) -> Tensor:
-        """sum_t g_t (K k_t)(V h_t)^T over unmasked tokens, k_t = h_key_t (default h_t), g_t the
-        write gate (1 without one): h (b, t, d), mask (b, t) -> (b, r_in, r)."""
-        return self.keys(h, mask, h_key).transpose(1, 2) @ (h @ self.V.T)
+    def statistics(self, h: Tensor, keys: Tensor) -> Tensor:
+        """sum_t k_t (V h_t)^T for the tokens' `keys` k_t (zero at padding, so padding adds
+        nothing): h (b, t, d), keys (b, t, r_in) -> (b, r_in, r)."""
+        return keys.transpose(1, 2) @ (h @ self.V.T)
 
     def keys(self, h: Tensor, mask: Tensor, h_key: Tensor | None = None) -> Tensor:
-        """g_t K k_t per token (b, t, r_in), zero at padding: what a query A x is matched against."""
+        """g_t K k_t per token (b, t, r_in), k_t = h_key_t (default h_t), g_t the write gate (1
+        without one), zero at padding: what `statistics` sums and a query A x is matched against."""
         k = (h if h_key is None else h_key) @ self.K.T
         if self.G is not None:
             k = k * (2 * torch.sigmoid(h @ self.G))[..., None]
@@ -227,32 +227,22 @@ class Generator(nn.Module):
         # states are sums over many tokens: accumulate in at least float32
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
-    def features(
-        self, hidden_states: tuple[Tensor, ...], mask: Tensor
-    ) -> Iterator[tuple[str, Tensor, Tensor]]:
-        """(target name, h, h_key) per target: its layer's RMS-normalised features and key features."""
+    def statistics(
+        self, hidden_states: tuple[Tensor, ...], mask: Tensor, keys: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Per-row state increments from the base LM's hidden states (HF index l = input of layer l).
+        With a `keys` dict, also fills it with the per-token keys summed, {name: (b, t, r_in)}."""
+        out, mask = {}, mask.to(self.dtype)
         for layer in self.layers:
             h = rms_normalize(hidden_states[layer].to(self.dtype))
             h_key = causal_window_mean(h, mask, self.config.key_window)
             for t in self.targets:
                 if t.layer == layer:
-                    yield t.name, h, h_key
-
-    def statistics(self, hidden_states: tuple[Tensor, ...], mask: Tensor) -> dict[str, Tensor]:
-        """Per-row state increments from the base LM's hidden states (HF index l = input of layer l)."""
-        mask = mask.to(self.dtype)
-        return {
-            name: self[name].statistics(h, mask, h_key).to(self.state_dtype)
-            for name, h, h_key in self.features(hidden_states, mask)
-        }
-
-    def keys(self, hidden_states: tuple[Tensor, ...], mask: Tensor) -> dict[str, Tensor]:
-        """Per-token keys {name: (b, t, r_in)} of the tokens `statistics` sums over."""
-        mask = mask.to(self.dtype)
-        return {
-            name: self[name].keys(h, mask, h_key)
-            for name, h, h_key in self.features(hidden_states, mask)
-        }
+                    k = self[t.name].keys(h, mask, h_key)
+                    if keys is not None:
+                        keys[t.name] = k
+                    out[t.name] = self[t.name].statistics(h, k).to(self.state_dtype)
+        return out
 
     def normalized(self, S: dict[str, Tensor], n: Tensor) -> dict[str, Tensor]:
         c = self.config

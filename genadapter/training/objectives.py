@@ -37,10 +37,10 @@ def chunk_statistics(
         return {name: x.new_zeros(D * T, *x.shape[1:]).index_copy(0, where, x)
                 for name, x in per_chunk.items()}  # fmt: skip
 
+    per_token = {} if keys is not None else None
+    stats = scatter(ga.generator.statistics(hidden, real_mask, per_token))
     if keys is not None:
-        keys.update({name: k.view(D, T * C, -1)
-                     for name, k in scatter(ga.generator.keys(hidden, real_mask)).items()})  # fmt: skip
-    stats = scatter(ga.generator.statistics(hidden, real_mask))
+        keys.update({name: k.view(D, T * C, -1) for name, k in scatter(per_token).items()})
     return (
         {name: x.view(D, T, *x.shape[1:]) for name, x in stats.items()},
         flat_mask.sum(1).view(D, T).to(ga.generator.state_dtype).to(ga.device),
