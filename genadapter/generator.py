@@ -174,7 +174,8 @@ class ModuleGenerator(nn.Module):
 
     def keys(self, h: Tensor, mask: Tensor, h_key: Tensor | None = None) -> Tensor:
         """g_t K k_t per token (b, t, r_in), k_t = h_key_t (default h_t), g_t the write gate (1
-        without one), zero at padding: what `statistics` sums and a query A x is matched against."""
+        without one), times `mask` (0 at padding): what `statistics` sums and a query A x is
+        matched against."""
         k = (h if h_key is None else h_key) @ self.K.T
         if self.G is not None:
             k = k * (2 * torch.sigmoid(h @ self.G))[..., None]
@@ -228,17 +229,21 @@ class Generator(nn.Module):
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def statistics(
-        self, hidden_states: tuple[Tensor, ...], mask: Tensor, keys: dict[str, Tensor] | None = None
-    ) -> dict[str, Tensor]:
+        self, hidden_states: tuple[Tensor, ...], mask: Tensor,
+        keys: dict[str, Tensor] | None = None, write: Tensor | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
         """Per-row state increments from the base LM's hidden states (HF index l = input of layer l).
-        With a `keys` dict, also fills it with the per-token keys summed, {name: (b, t, r_in)}."""
+        With a `keys` dict, also fills it with the per-token keys summed, {name: (b, t, r_in)}.
+        `write` (b, t), optional, scales each token's write (its key); the key windows still see
+        every real token. Diagnostics use it as an oracle gate (only the answer tokens write)."""
         out, mask = {}, mask.to(self.dtype)
+        weight = mask if write is None else mask * write.to(self.dtype)
         for layer in self.layers:
             h = rms_normalize(hidden_states[layer].to(self.dtype))
             h_key = causal_window_mean(h, mask, self.config.key_window)
             for t in self.targets:
                 if t.layer == layer:
-                    k = self[t.name].keys(h, mask, h_key)
+                    k = self[t.name].keys(h, weight, h_key)
                     if keys is not None:
                         keys[t.name] = k
                     out[t.name] = self[t.name].statistics(h, k).to(self.state_dtype)

@@ -124,6 +124,29 @@ def test_key_window_state_matches_float64_definition(arch, key_gate):
         assert all(f"{n}.G" in ga.generator_state_dict() for n in ga.generator.names)
 
 
+def test_write_weights_scale_each_tokens_write_not_the_key_windows(arch):
+    ga = make(arch, chunk_len=12, key_window=3, key_gate=True)
+    chunk = ids(2, 12)
+    mask = torch.ones_like(chunk)
+    mask[1, :4] = 0  # a left-padded row
+    write = torch.rand(2, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = ga.context_features(chunk, mask)
+        got = ga.generator.statistics(hidden, mask, write=write)
+        unweighted = ga.generator.statistics(hidden, mask)
+        for t in ga.generator.targets:
+            block = ga.generator[t.name]
+            for b in range(2):
+                real = mask[b].bool()
+                h = rms_normalize(hidden[t.layer][b][real].double())
+                windows = torch.stack([h[max(0, i - 2) : i + 1].mean(0) for i in range(len(h))])
+                gate = 2 * torch.sigmoid(h @ block.G.double())
+                k = (windows @ block.K.double().T) * (gate * write[b][real].double())[:, None]
+                expected = k.T @ (h @ block.V.double().T)
+                torch.testing.assert_close(got[t.name][b].double(), expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(got[t.name], unweighted[t.name])
+
+
 # 4. delta weights: rank <= r, and the side path == W + dW (float64 recomputation)
 def test_delta_weights_match_float64_recomputation(arch):
     ga = make(arch, r=3, r_in=5)

@@ -275,6 +275,64 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
         assert block.K.grad.abs().sum() > 0 and block.A.grad.abs().sum() > 0
 
 
+def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
+    """With `oracle_writes`, an episode's state is the sum of k_t (V h_t)^T over the context
+    tokens that spell an answer asked of it (windowed keys still see every token); each row's
+    answer loss equals a float64 recomputation through `ga(...)` with that state."""
+    from transformers import AutoTokenizer
+
+    from genadapter import AdapterState
+    from genadapter.generator import rms_normalize
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = tiny_model("llama", vocab=len(tok), dtype=torch.float64)
+    cfg = GeneratorConfig(r=4, r_in=4, chunk_len=4, key_window=2, key_gate=True, dtype="float64")
+    ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tok)
+    for block in ga.generator.blocks.values():
+        torch.nn.init.normal_(block.B)
+        torch.nn.init.normal_(block.G)
+    raw = [qa_episode(i) for i in range(2)]
+    raw[1]["context"].append("Person7 lives in Oslo.")  # a stated value nobody asks for
+    encoded = [encode_episode(read_episode(d), PromptFormat(tok), chunk_len=4) for d in raw]
+    batch = collate_episodes(encoded, [0, 0], chunk_len=4, pad_id=0)
+    out = answer_losses(ga, batch, oracle_writes=True)
+    asked = torch.zeros_like(batch["context_mask"], dtype=torch.bool)
+    for row, e in enumerate(batch["row_episode"].tolist()):
+        asked[e] |= batch["answer_context"][row]
+    for row, e in enumerate(batch["row_episode"].tolist()):
+        S = {name: torch.zeros(4, 4, dtype=torch.float64) for name in ga.generator.names}
+        for chunk, mask, write in zip(batch["context_ids"][e], batch["context_mask"][e], asked[e],
+                                      strict=True):  # fmt: skip
+            n = int(mask.sum())
+            if not n:
+                continue
+            hidden = model(chunk[None, :n], output_hidden_states=True).hidden_states
+            for t in ga.generator.targets:
+                block, h = ga.generator[t.name], rms_normalize(hidden[t.layer][0])
+                for i in range(n):
+                    if write[i]:
+                        gate = 2 * torch.sigmoid(h[i] @ block.G)
+                        k = gate * h[max(0, i - 1) : i + 1].mean(0) @ block.K.T
+                        S[t.name] += torch.outer(k, block.V @ h[i])
+        n_tokens = batch["context_mask"][e].sum().to(torch.float64)[None]
+        state = AdapterState({k: v[None] for k, v in S.items()}, n_tokens,
+                             ga.generator.fingerprint(), ga.config.to_dict())  # fmt: skip
+        length = int(batch["attention_mask"][row].sum())
+        ids, target = batch["input_ids"][row, :length], batch["loss_mask"][row, :length]
+        with torch.no_grad():
+            logits = ga(ids[None], state=state).logits[0]
+        nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
+        expected = nll[target[1:].bool()].mean()
+        # (the cross-entropy runs in float32 there)
+        torch.testing.assert_close(
+            out["row_loss"][row].detach().double(), expected, rtol=1e-5, atol=1e-6
+        )
+    assert out["loss"] != answer_losses(ga, batch)["loss"]  # the other tokens did write before
+    del batch["answer_context"]
+    with pytest.raises(ValueError, match="oracle_writes needs"):
+        answer_losses(ga, batch, oracle_writes=True)
+
+
 def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir, episode_files):
     straight, _ = fit(config(tmp_path / "a", tiny_dir, episode_files))
     config(tmp_path / "b", tiny_dir, episode_files, max_steps=3)

@@ -14,6 +14,8 @@ Validation reports, per task, the answer NLL with no context (`loss_base`), with
 candidates `choice` (how often the gold answer ranks first under the state), and
 `retrieval_hit` / `retrieval_share` (how often a target's best-matching context token is an
 answer token / the answer tokens' share of the linear read-out's weights).
+`oracle_writes` (a diagnostic): only the context tokens that spell an answer asked in the batch
+write into the state, which tells the read-out's selection apart from the LM's decoding of it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class GeneratorFinetuning(GeneratorPretraining):
     def __init__(
         self, *args, lm_weight: float = 1.0, rank_weight: float = 0.0,
         retrieval_weight: float = 0.0, retrieval_kind: str = "softmax",
-        task_names: list[str] | None = None, **kwargs,
+        oracle_writes: bool = False, task_names: list[str] | None = None, **kwargs,
     ):  # fmt: skip
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
         if retrieval_kind not in ("softmax", "share"):
@@ -45,6 +47,7 @@ class GeneratorFinetuning(GeneratorPretraining):
         out = answer_losses(
             self.ga, batch, with_ranking=h.rank_weight > 0,
             with_retrieval=h.retrieval_weight > 0, retrieval_kind=h.retrieval_kind,
+            oracle_writes=h.oracle_writes,
         )  # fmt: skip
         self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
         loss = out["loss"]
@@ -72,7 +75,8 @@ class GeneratorFinetuning(GeneratorPretraining):
             return  # gap_closed compares the three on the same rows: those whose prompt fits
         key = batch_key(batch, batch_idx)
         first = key not in self._references  # the frozen base's losses: computed once per batch
-        out = answer_losses(self.ga, batch, with_base=first, with_retrieval=True)
+        out = answer_losses(self.ga, batch, with_base=first, with_retrieval=True,
+                            oracle_writes=self.hparams.oracle_writes)  # fmt: skip
         if first:
             s, n = row_losses(self.ga.base_model, *(batch[f"prompt_{k}"].to(self.device)
                                                     for k in ("input_ids", "attention_mask", "loss_mask")))  # fmt: skip

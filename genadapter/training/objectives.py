@@ -22,10 +22,12 @@ from genadapter.state import AdapterState
 
 
 def chunk_statistics(
-    ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor, keys: dict[str, Tensor] | None = None
-) -> tuple[dict[str, Tensor], Tensor]:
+    ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor,
+    keys: dict[str, Tensor] | None = None, write: Tensor | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:  # fmt: skip
     """Per-chunk state increments: {name: (D, T, r_in, r)} and token counts (D, T).
-    With a `keys` dict, also fills it with every context token's key {name: (D, T * C, r_in)}."""
+    With a `keys` dict, also fills it with every context token's key {name: (D, T * C, r_in)}.
+    `write` (D, T, C), optional: per-token write weights (`Generator.statistics`)."""
     D, T, C = input_ids.shape
     flat_ids, flat_mask = input_ids.reshape(D * T, C), mask.reshape(D * T, C)
     real = flat_mask.any(1)  # padding chunks cost nothing
@@ -38,7 +40,9 @@ def chunk_statistics(
                 for name, x in per_chunk.items()}  # fmt: skip
 
     per_token = {} if keys is not None else None
-    stats = scatter(ga.generator.statistics(hidden, real_mask, per_token))
+    if write is not None:
+        write = write.reshape(D * T, C)[real].to(ga.device)
+    stats = scatter(ga.generator.statistics(hidden, real_mask, per_token, write))
     if keys is not None:
         keys.update({name: k.view(D, T * C, -1) for name, k in scatter(per_token).items()})
     return (
@@ -254,6 +258,7 @@ def continuation_losses(
 def answer_losses(
     ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False,
     with_ranking: bool = True, with_retrieval: bool = False, retrieval_kind: str = "softmax",
+    oracle_writes: bool = False,
 ) -> dict[str, Tensor]:  # fmt: skip
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
@@ -268,14 +273,24 @@ def answer_losses(
     `cand_scores` (per candidate row).
     With `with_retrieval` and `answer_context` in the batch, also the `retrieval_*` figures of
     `retrieval_losses` (of `retrieval_kind`).
+    `oracle_writes` (a diagnostic) lets only the tokens that spell an answer asked in the batch
+    write into their episode's state: the read-out then has only those few facts to choose from.
     """
     context_mask = batch["context_mask"].to(ga.device)
+    episode = batch["row_episode"].to(ga.device)
     retrieval = with_retrieval and "answer_context" in batch
     keys, queries = ({}, {}) if retrieval else (None, None)
-    stats, counts = chunk_statistics(ga, batch["context_ids"].to(ga.device), context_mask, keys)
+    write = None
+    if oracle_writes:
+        if "answer_context" not in batch:
+            raise ValueError("oracle_writes needs `answer_context` in the batch (facts episodes)")
+        answers_at = batch["answer_context"].to(ga.device).to(context_mask.dtype)
+        write = torch.zeros_like(context_mask).index_add_(0, episode, answers_at).clamp(max=1)
+    stats, counts = chunk_statistics(
+        ga, batch["context_ids"].to(ga.device), context_mask, keys, write
+    )
     rows = (batch[k].to(ga.device) for k in ("input_ids", "attention_mask", "loss_mask"))
     prompts, answers = split_rows(*rows)
-    episode = batch["row_episode"].to(ga.device)
     owner = torch.arange(len(prompts), device=ga.device)
     continuations = list(answers)
     ranking = with_ranking and "cand_row" in batch

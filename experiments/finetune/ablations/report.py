@@ -40,6 +40,8 @@ LABELS = {  # also the table's row order
     "gate-share": "keys: write gate, loss: + retrieval loss of kind share",
     "gate-share-long": "the same, 360 steps",
     "retrieval-keywin16": "loss: + retrieval loss, keys: key_window 16",
+    "scratch-rin128-gate-share": "fresh generator with r_in 128, write gate, + share loss",
+    "oracle-writes": "diagnostic: only the asked answers' tokens write (oracle gate)",
 }
 
 
