@@ -178,8 +178,12 @@ class ModuleGenerator(nn.Module):
         matched against."""
         k = (h if h_key is None else h_key) @ self.K.T
         if self.G is not None:
-            k = k * (2 * torch.sigmoid(h @ self.G))[..., None]
+            k = k * (2 * torch.sigmoid(self.gate_logits(h)))[..., None]
         return k * mask[..., None]
+
+    def gate_logits(self, h: Tensor) -> Tensor:
+        """G . h_t per token (b, t): the write gate is 2 sigmoid of it (needs `key_gate`)."""
+        return h @ self.G
 
     def mixer(self, N: Tensor, scaling: float) -> Tensor:
         """M = N (alpha/r) B^T (b, r_in, out): the side path is (x A^T) M, so made once per state
@@ -231,9 +235,11 @@ class Generator(nn.Module):
     def statistics(
         self, hidden_states: tuple[Tensor, ...], mask: Tensor,
         keys: dict[str, Tensor] | None = None, write: Tensor | None = None,
+        gates: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:  # fmt: skip
         """Per-row state increments from the base LM's hidden states (HF index l = input of layer l).
-        With a `keys` dict, also fills it with the per-token keys summed, {name: (b, t, r_in)}.
+        With a `keys` dict, also fills it with the per-token keys summed, {name: (b, t, r_in)},
+        and with a `gates` dict (generators with `key_gate`), with the gate logits {name: (b, t)}.
         `write` (b, t), optional, scales each token's write (its key); the key windows still see
         every real token. Diagnostics use it as an oracle gate (only the answer tokens write)."""
         out, mask = {}, mask.to(self.dtype)
@@ -246,6 +252,8 @@ class Generator(nn.Module):
                     k = self[t.name].keys(h, weight, h_key)
                     if keys is not None:
                         keys[t.name] = k
+                    if gates is not None:
+                        gates[t.name] = self[t.name].gate_logits(h)
                     out[t.name] = self[t.name].statistics(h, k).to(self.state_dtype)
         return out
 

@@ -72,9 +72,9 @@ def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) ->
     cfg = {
         "seed": 0,
         "run_dir": str(tmp_path / "run"),
-        "model": {"base_model": str(tiny_dir), "generator": {"r": 8, "r_in": 8, "chunk_len": 4},
+        "model": {"base_model": str(tiny_dir), "generator": {"r": 8, "r_in": 8, "chunk_len": 4, "key_gate": True},
                   "lr": 0.01, "warmup_steps": 2, "decay_steps": 6, "targets_per_doc": 2, "rank_weight": 0.5,
-                  "retrieval_weight": 0.5},
+                  "retrieval_weight": 0.5, "gate_weight": 0.5},
         "data": {"train_files": {str(files["qa"]): 2.0, str(files["demo"]): 1.0},
                  "val_files": [str(files["qa"]), str(files["demo"])], "episodes_per_batch": 2,
                  "max_questions": 2, "val_episodes": 2, "lm_every": 3, "source": str(files["corpus"]),
@@ -295,11 +295,13 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
     raw[1]["context"].append("Person7 lives in Oslo.")  # a stated value nobody asks for
     encoded = [encode_episode(read_episode(d), PromptFormat(tok), chunk_len=4) for d in raw]
     batch = collate_episodes(encoded, [0, 0], chunk_len=4, pad_id=0)
-    out = answer_losses(ga, batch, oracle_writes=True)
+    out = answer_losses(ga, batch, oracle_writes=True, with_gate=True)
     asked = torch.zeros_like(batch["context_mask"], dtype=torch.bool)
     for row, e in enumerate(batch["row_episode"].tolist()):
         asked[e] |= batch["answer_context"][row]
+    gate_terms = {}  # (episode, target) -> [(logit, asked)] per real context token
     for row, e in enumerate(batch["row_episode"].tolist()):
+        gate_terms = {k: v for k, v in gate_terms.items() if k[0] != e}  # each episode once
         S = {name: torch.zeros(4, 4, dtype=torch.float64) for name in ga.generator.names}
         for chunk, mask, write in zip(batch["context_ids"][e], batch["context_mask"][e], asked[e],
                                       strict=True):  # fmt: skip
@@ -310,6 +312,8 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
             for t in ga.generator.targets:
                 block, h = ga.generator[t.name], rms_normalize(hidden[t.layer][0])
                 for i in range(n):
+                    z = h[i] @ block.G
+                    gate_terms.setdefault((e, t.name), []).append((z, bool(write[i])))
                     if write[i]:
                         gate = 2 * torch.sigmoid(h[i] @ block.G)
                         k = gate * h[max(0, i - 1) : i + 1].mean(0) @ block.K.T
@@ -328,9 +332,31 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
             out["row_loss"][row].detach().double(), expected, rtol=1e-5, atol=1e-6
         )
     assert out["loss"] != answer_losses(ga, batch)["loss"]  # the other tokens did write before
+    # gate supervision: a class-balanced BCE of the gate logits, answer tokens on, the rest off
+    losses, opened = [], []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    for name in ga.generator.names:  # each class's tokens pooled over the batch's episodes
+        terms = [term for (_, n), ts in gate_terms.items() if n == name for term in ts]
+        z = torch.stack([z for z, _ in terms])
+        on = torch.tensor([a for _, a in terms])
+        losses.append(bce(z[on], torch.ones_like(z[on])) + bce(z[~on], torch.zeros_like(z[~on])))
+        for e in range(2):
+            z = torch.stack([z for z, a in gate_terms[e, name] if a])
+            opened.append((2 * torch.sigmoid(z)).mean())
+    torch.testing.assert_close(out["gate_loss"].double(), torch.stack(losses).mean().detach())
+    n_targets = len(ga.generator.names)
+    torch.testing.assert_close(
+        out["gate_on"].double(), torch.stack(opened).view(n_targets, 2).mean(0).detach()
+    )
+    out["gate_loss"].backward()
+    assert all(block.G.grad.abs().sum() > 0 for block in ga.generator.blocks.values())
+    with pytest.raises(ValueError, match="key_gate"):
+        answer_losses(GenerativeAdapter.from_base(model, GeneratorConfig(r=4, r_in=4, chunk_len=4),
+                                                  tokenizer=tok), batch, with_gate=True)  # fmt: skip
     del batch["answer_context"]
-    with pytest.raises(ValueError, match="oracle_writes needs"):
-        answer_losses(ga, batch, oracle_writes=True)
+    for flag in ("oracle_writes", "with_gate"):
+        with pytest.raises(ValueError, match="needs `answer_context`"):
+            answer_losses(ga, batch, **{flag: True})
 
 
 def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir, episode_files):
@@ -364,9 +390,11 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
     assert 0 <= m[f"val/{episode_files['demo'].parent.name}/demo/choice"] <= 1  # labels are ranked
     lines = (tmp_path / "a" / "run" / "csv" / "metrics.csv").read_text()
     assert "train/answer_loss" in lines and "train/lm_loss" in lines  # both kinds of batch ran
-    assert "train/rank_loss" in lines and "train/retrieval_loss" in lines
-    for what in ("hit", "share"):
-        assert 0 <= m[f"val/{episode_files['qa'].parent.name}/qa/retrieval_{what}"] <= 1
+    assert all(f"train/{k}_loss" in lines for k in ("rank", "retrieval", "gate"))
+    for what in ("retrieval_hit", "retrieval_share"):
+        assert 0 <= m[f"val/{episode_files['qa'].parent.name}/qa/{what}"] <= 1
+    for what in ("gate_on", "gate_off"):  # the gate 2 sigmoid(z) lies in (0, 2)
+        assert 0 < m[f"val/{episode_files['qa'].parent.name}/qa/{what}"] < 2
 
 
 def test_candidates_are_ranked_as_evaluation_ranks_options(tiny_dir):
@@ -436,3 +464,5 @@ def test_finetune_bad_inputs(tmp_path, tiny_dir, episode_files, capsys):
     assert "episode file not found" in capsys.readouterr().err
     with pytest.raises(ValueError, match="retrieval_kind"):
         GeneratorFinetuning(base_model=str(tiny_dir), retrieval_kind="dot")
+    with pytest.raises(ValueError, match="key_gate: true"):
+        GeneratorFinetuning(base_model=str(tiny_dir), gate_weight=1.0)

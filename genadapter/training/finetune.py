@@ -14,6 +14,9 @@ Validation reports, per task, the answer NLL with no context (`loss_base`), with
 candidates `choice` (how often the gold answer ranks first under the state), and
 `retrieval_hit` / `retrieval_share` (how often a target's best-matching context token is an
 answer token / the answer tokens' share of the linear read-out's weights).
+With a write gate (`key_gate`), validation also reports `gate_on` / `gate_off`, the mean gate on
+the tokens that spell an asked answer / on the others, and `gate_weight` > 0 trains the gates on
+that split directly (`gate_losses`).
 `oracle_writes` (a diagnostic): only the context tokens that spell an answer asked in the batch
 write into the state, which tells the read-out's selection apart from the LM's decoding of it.
 """
@@ -30,11 +33,14 @@ class GeneratorFinetuning(GeneratorPretraining):
     def __init__(
         self, *args, lm_weight: float = 1.0, rank_weight: float = 0.0,
         retrieval_weight: float = 0.0, retrieval_kind: str = "softmax",
-        oracle_writes: bool = False, task_names: list[str] | None = None, **kwargs,
+        gate_weight: float = 0.0, oracle_writes: bool = False,
+        task_names: list[str] | None = None, **kwargs,
     ):  # fmt: skip
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
         if retrieval_kind not in ("softmax", "share"):
             raise ValueError(f"retrieval_kind must be 'softmax' or 'share', got {retrieval_kind!r}")
+        if gate_weight > 0 and not self.ga.config.key_gate:
+            raise ValueError("gate_weight > 0 needs a generator with a write gate (key_gate: true)")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if "context_ids" not in batch:  # a pretraining batch
@@ -48,6 +54,7 @@ class GeneratorFinetuning(GeneratorPretraining):
             self.ga, batch, with_ranking=h.rank_weight > 0,
             with_retrieval=h.retrieval_weight > 0, retrieval_kind=h.retrieval_kind,
             oracle_writes=h.oracle_writes,
+            with_gate=h.gate_weight > 0 and "answer_context" in batch,
         )  # fmt: skip
         self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
         loss = out["loss"]
@@ -60,6 +67,12 @@ class GeneratorFinetuning(GeneratorPretraining):
             self.log("train/retrieval_loss", out["retrieval_loss"], batch_size=len(hits))
             self.log("train/retrieval_hit", hits.mean(), batch_size=len(hits))
             loss = loss + h.retrieval_weight * out["retrieval_loss"]
+        if "gate_loss" in out:
+            n_ep = len(out["gate_on"])
+            self.log("train/gate_loss", out["gate_loss"], batch_size=n_ep)
+            for what in ("on", "off"):
+                self.log(f"train/gate_{what}", out[f"gate_{what}"].mean(), batch_size=n_ep)
+            loss = loss + h.gate_weight * out["gate_loss"]
         return loss
 
     def _task(self, index: int) -> str:
@@ -75,8 +88,9 @@ class GeneratorFinetuning(GeneratorPretraining):
             return  # gap_closed compares the three on the same rows: those whose prompt fits
         key = batch_key(batch, batch_idx)
         first = key not in self._references  # the frozen base's losses: computed once per batch
+        gated = self.ga.config.key_gate and "answer_context" in batch
         out = answer_losses(self.ga, batch, with_base=first, with_retrieval=True,
-                            oracle_writes=self.hparams.oracle_writes)  # fmt: skip
+                            oracle_writes=self.hparams.oracle_writes, with_gate=gated)  # fmt: skip
         if first:
             s, n = row_losses(self.ga.base_model, *(batch[f"prompt_{k}"].to(self.device)
                                                     for k in ("input_ids", "attention_mask", "loss_mask")))  # fmt: skip
@@ -102,6 +116,15 @@ class GeneratorFinetuning(GeneratorPretraining):
                     self._accumulate(
                         f"{self._task(t)}/retrieval_{what}", x.mean(), x.new_tensor(len(x))
                     )
+        if "gate_on" in out:  # over the episodes whose context states an asked answer
+            first_row = torch.searchsorted(
+                batch["row_episode"].to(self.device), out["gate_episodes"]
+            )
+            task = batch["row_task"].to(self.device)[first_row]
+            for t in task.unique().tolist():
+                for what in ("on", "off"):
+                    x = out[f"gate_{what}"][task == t]
+                    self._accumulate(f"{self._task(t)}/gate_{what}", x.mean(), x.new_tensor(len(x)))
         if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
             task = batch["row_task"].to(self.device)[out["rank_group"]]
             for t in task.unique().tolist():

@@ -24,9 +24,11 @@ from genadapter.state import AdapterState
 def chunk_statistics(
     ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor,
     keys: dict[str, Tensor] | None = None, write: Tensor | None = None,
+    gates: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:  # fmt: skip
     """Per-chunk state increments: {name: (D, T, r_in, r)} and token counts (D, T).
-    With a `keys` dict, also fills it with every context token's key {name: (D, T * C, r_in)}.
+    With a `keys` dict, also fills it with every context token's key {name: (D, T * C, r_in)},
+    with a `gates` dict with its write-gate logit {name: (D, T * C)}.
     `write` (D, T, C), optional: per-token write weights (`Generator.statistics`)."""
     D, T, C = input_ids.shape
     flat_ids, flat_mask = input_ids.reshape(D * T, C), mask.reshape(D * T, C)
@@ -39,12 +41,14 @@ def chunk_statistics(
         return {name: x.new_zeros(D * T, *x.shape[1:]).index_copy(0, where, x)
                 for name, x in per_chunk.items()}  # fmt: skip
 
-    per_token = {} if keys is not None else None
     if write is not None:
         write = write.reshape(D * T, C)[real].to(ga.device)
-    stats = scatter(ga.generator.statistics(hidden, real_mask, per_token, write))
-    if keys is not None:
-        keys.update({name: k.view(D, T * C, -1) for name, k in scatter(per_token).items()})
+    stats = scatter(ga.generator.statistics(hidden, real_mask, keys, write, gates))
+    for per_token in (keys, gates):  # filled per real chunk: scattered and flattened in place
+        if per_token is not None:
+            per_token.update(
+                {name: x.view(D, T * C, *x.shape[2:]) for name, x in scatter(per_token).items()}
+            )
     return (
         {name: x.view(D, T, *x.shape[1:]) for name, x in stats.items()},
         flat_mask.sum(1).view(D, T).to(ga.generator.state_dtype).to(ga.device),
@@ -258,7 +262,7 @@ def continuation_losses(
 def answer_losses(
     ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False,
     with_ranking: bool = True, with_retrieval: bool = False, retrieval_kind: str = "softmax",
-    oracle_writes: bool = False,
+    oracle_writes: bool = False, with_gate: bool = False,
 ) -> dict[str, Tensor]:  # fmt: skip
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
@@ -275,20 +279,26 @@ def answer_losses(
     `retrieval_losses` (of `retrieval_kind`).
     `oracle_writes` (a diagnostic) lets only the tokens that spell an answer asked in the batch
     write into their episode's state: the read-out then has only those few facts to choose from.
+    `with_gate` (generators with `key_gate`) adds the `gate_*` figures of `gate_losses`.
     """
     context_mask = batch["context_mask"].to(ga.device)
     episode = batch["row_episode"].to(ga.device)
-    retrieval = with_retrieval and "answer_context" in batch
+    asked = None  # (E, T, C): the context tokens that spell an answer asked of their episode
+    if "answer_context" in batch:
+        per_row = batch["answer_context"].to(ga.device).to(context_mask.dtype)
+        asked = torch.zeros_like(context_mask).index_add_(0, episode, per_row).clamp(max=1)
+    for wanted, what in ((oracle_writes, "oracle_writes"), (with_gate, "gate supervision")):
+        if wanted and asked is None:
+            raise ValueError(f"{what} needs `answer_context` in the batch (facts episodes)")
+    if with_gate and not ga.config.key_gate:
+        raise ValueError("gate supervision needs a generator with a write gate (key_gate: true)")
+    retrieval = with_retrieval and asked is not None
     keys, queries = ({}, {}) if retrieval else (None, None)
-    write = None
-    if oracle_writes:
-        if "answer_context" not in batch:
-            raise ValueError("oracle_writes needs `answer_context` in the batch (facts episodes)")
-        answers_at = batch["answer_context"].to(ga.device).to(context_mask.dtype)
-        write = torch.zeros_like(context_mask).index_add_(0, episode, answers_at).clamp(max=1)
+    gates = {} if with_gate else None
     stats, counts = chunk_statistics(
-        ga, batch["context_ids"].to(ga.device), context_mask, keys, write
-    )
+        ga, batch["context_ids"].to(ga.device), context_mask, keys,
+        asked if oracle_writes else None, gates,
+    )  # fmt: skip
     rows = (batch[k].to(ga.device) for k in ("input_ids", "attention_mask", "loss_mask"))
     prompts, answers = split_rows(*rows)
     owner = torch.arange(len(prompts), device=ga.device)
@@ -316,6 +326,8 @@ def answer_losses(
         answer_context = batch["answer_context"].to(ga.device).flatten(1)
         out.update(retrieval_losses(keys, last, answer_context, episode, context_mask.flatten(1),
                                     retrieval_kind))  # fmt: skip
+    if with_gate:
+        out.update(gate_losses(gates, asked.flatten(1), context_mask.flatten(1)))
     if with_base:
         with torch.no_grad():
             base_sum, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)
@@ -390,4 +402,37 @@ def retrieval_losses(
         "retrieval_hit": torch.stack(hits).mean(0),
         "retrieval_share": torch.stack(shares).mean(0),
         "retrieval_rows": rows.nonzero()[:, 0],
+    }
+
+
+def gate_losses(
+    gates: dict[str, Tensor], stated: Tensor, context_mask: Tensor
+) -> dict[str, Tensor]:
+    """Supervision of the write gates g_t = 2 sigmoid(z_t): the tokens that spell an asked answer
+    should write, the others should not.
+
+    gates {name: (E, N)} logits z_t per context token, stated (E, N) the answer tokens,
+    context_mask (E, N). Over the episodes whose context states an answer (`gate_episodes`):
+    `gate_loss`, a binary cross-entropy with both classes weighted alike (answers are a few
+    per cent of the tokens), averaged over targets; `gate_on` / `gate_off` (per episode), the
+    mean gate on answer tokens / on the other tokens, averaged over targets. Unasked values
+    count as "off": the gate can only learn how likely a token is to be asked about."""
+    real = context_mask.bool()
+    on, off = stated.bool() & real, real & ~stated.bool()
+    keep = on.any(1)
+    if not keep.any():
+        return {}
+    on, off = on[keep], off[keep]
+    losses, opened, closed = [], [], []
+    for z in gates.values():
+        z = z[keep].float()
+        losses.append(F.softplus(-z[on]).mean() + F.softplus(z[off]).mean())
+        g = 2 * torch.sigmoid(z.detach())
+        opened.append((g * on).sum(1) / on.sum(1))
+        closed.append((g * off).sum(1) / off.sum(1).clamp(min=1))
+    return {
+        "gate_loss": torch.stack(losses).mean(),
+        "gate_on": torch.stack(opened).mean(0),
+        "gate_off": torch.stack(closed).mean(0),
+        "gate_episodes": keep.nonzero()[:, 0],
     }
