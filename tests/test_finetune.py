@@ -275,10 +275,12 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
         assert block.K.grad.abs().sum() > 0 and block.A.grad.abs().sum() > 0
 
 
-def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
-    """With `oracle_writes`, an episode's state is the sum of k_t (V h_t)^T over the context
-    tokens that spell an answer asked of it (windowed keys still see every token); each row's
-    answer loss equals a float64 recomputation through `ga(...)` with that state."""
+@pytest.mark.parametrize("oracle", ["episode", "row"])
+def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
+    """With `oracle_writes`, a row's state is the sum of k_t (V h_t)^T over the context tokens
+    that spell an answer asked of its episode ("episode") or its own answer ("row"); windowed
+    keys still see every token. Each row's answer loss equals a float64 recomputation through
+    `ga(...)` with that state; so do the gate-supervision figures (per episode)."""
     from transformers import AutoTokenizer
 
     from genadapter import AdapterState
@@ -295,7 +297,10 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
     raw[1]["context"].append("Person7 lives in Oslo.")  # a stated value nobody asks for
     encoded = [encode_episode(read_episode(d), PromptFormat(tok), chunk_len=4) for d in raw]
     batch = collate_episodes(encoded, [0, 0], chunk_len=4, pad_id=0)
-    out = answer_losses(ga, batch, oracle_writes=True, with_gate=True)
+    out = answer_losses(ga, batch, oracle_writes="episode", with_gate=True)
+    if oracle == "row":  # (the gate figures are those of "episode": one per row-episode here)
+        out.update({k: v for k, v in answer_losses(ga, batch, oracle_writes="row").items()
+                    if not k.startswith("gate")})  # fmt: skip
     asked = torch.zeros_like(batch["context_mask"], dtype=torch.bool)
     for row, e in enumerate(batch["row_episode"].tolist()):
         asked[e] |= batch["answer_context"][row]
@@ -303,8 +308,11 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
     for row, e in enumerate(batch["row_episode"].tolist()):
         gate_terms = {k: v for k, v in gate_terms.items() if k[0] != e}  # each episode once
         S = {name: torch.zeros(4, 4, dtype=torch.float64) for name in ga.generator.names}
-        for chunk, mask, write in zip(batch["context_ids"][e], batch["context_mask"][e], asked[e],
-                                      strict=True):  # fmt: skip
+        writes = asked[e] if oracle == "episode" else batch["answer_context"][row]
+        chunks = zip(
+            batch["context_ids"][e], batch["context_mask"][e], writes, asked[e], strict=True
+        )
+        for chunk, mask, write, stated in chunks:
             n = int(mask.sum())
             if not n:
                 continue
@@ -313,7 +321,7 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
                 block, h = ga.generator[t.name], rms_normalize(hidden[t.layer][0])
                 for i in range(n):
                     z = h[i] @ block.G
-                    gate_terms.setdefault((e, t.name), []).append((z, bool(write[i])))
+                    gate_terms.setdefault((e, t.name), []).append((z, bool(stated[i])))
                     if write[i]:
                         gate = 2 * torch.sigmoid(h[i] @ block.G)
                         k = gate * h[max(0, i - 1) : i + 1].mean(0) @ block.K.T
@@ -350,13 +358,15 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir):
     )
     out["gate_loss"].backward()
     assert all(block.G.grad.abs().sum() > 0 for block in ga.generator.blocks.values())
+    with pytest.raises(ValueError, match="'episode', 'row' or None"):
+        answer_losses(ga, batch, oracle_writes="all")
     with pytest.raises(ValueError, match="key_gate"):
         answer_losses(GenerativeAdapter.from_base(model, GeneratorConfig(r=4, r_in=4, chunk_len=4),
                                                   tokenizer=tok), batch, with_gate=True)  # fmt: skip
     del batch["answer_context"]
-    for flag in ("oracle_writes", "with_gate"):
+    for flag in ({"oracle_writes": oracle}, {"with_gate": True}):
         with pytest.raises(ValueError, match="needs `answer_context`"):
-            answer_losses(ga, batch, **{flag: True})
+            answer_losses(ga, batch, **flag)
 
 
 def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir, episode_files):

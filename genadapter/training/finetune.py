@@ -17,8 +17,9 @@ answer token / the answer tokens' share of the linear read-out's weights).
 With a write gate (`key_gate`), validation also reports `gate_on` / `gate_off`, the mean gate on
 the tokens that spell an asked answer / on the others, and `gate_weight` > 0 trains the gates on
 that split directly (`gate_losses`).
-`oracle_writes` (a diagnostic): only the context tokens that spell an answer asked in the batch
-write into the state, which tells the read-out's selection apart from the LM's decoding of it.
+`oracle_writes` (a diagnostic, "episode" or "row"): only the context tokens that spell an asked
+answer write into the state (`answer_losses`), which tells the read-out's selection apart from
+the LM's decoding of it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class GeneratorFinetuning(GeneratorPretraining):
     def __init__(
         self, *args, lm_weight: float = 1.0, rank_weight: float = 0.0,
         retrieval_weight: float = 0.0, retrieval_kind: str = "softmax",
-        gate_weight: float = 0.0, oracle_writes: bool = False,
+        gate_weight: float = 0.0, oracle_writes: str | None = None,
         task_names: list[str] | None = None, **kwargs,
     ):  # fmt: skip
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too

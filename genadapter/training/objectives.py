@@ -262,7 +262,7 @@ def continuation_losses(
 def answer_losses(
     ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False,
     with_ranking: bool = True, with_retrieval: bool = False, retrieval_kind: str = "softmax",
-    oracle_writes: bool = False, with_gate: bool = False,
+    oracle_writes: str | None = None, with_gate: bool = False,
 ) -> dict[str, Tensor]:  # fmt: skip
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
@@ -277,10 +277,18 @@ def answer_losses(
     `cand_scores` (per candidate row).
     With `with_retrieval` and `answer_context` in the batch, also the `retrieval_*` figures of
     `retrieval_losses` (of `retrieval_kind`).
-    `oracle_writes` (a diagnostic) lets only the tokens that spell an answer asked in the batch
-    write into their episode's state: the read-out then has only those few facts to choose from.
+    `oracle_writes` (a diagnostic) lets only the context tokens that spell an asked answer write:
+    "episode", those of every question asked of the episode in the batch (the read-out then has
+    only those few facts to choose from); "row", each question's own answer only (it reads its
+    own copy of the context: nothing to choose, only the LM's decoding of the read-out is tested).
     `with_gate` (generators with `key_gate`) adds the `gate_*` figures of `gate_losses`.
     """
+    if oracle_writes not in (None, "episode", "row"):
+        raise ValueError(f"oracle_writes must be 'episode', 'row' or None, got {oracle_writes!r}")
+    if oracle_writes == "row":  # each row its own episode: a copy of its context
+        rows = batch["row_episode"]
+        batch = {**batch, "row_episode": torch.arange(len(rows))}
+        batch.update({k: batch[k][rows] for k in ("context_ids", "context_mask")})
     context_mask = batch["context_mask"].to(ga.device)
     episode = batch["row_episode"].to(ga.device)
     asked = None  # (E, T, C): the context tokens that spell an answer asked of their episode

@@ -42,7 +42,8 @@ LABELS = {  # also the table's row order
     "retrieval-keywin16": "loss: + retrieval loss, keys: key_window 16",
     "scratch-rin128-gate-share": "fresh generator with r_in 128, write gate, + share loss",
     "gate-supervised": "keys: write gate trained on answer tokens, + share loss",
-    "oracle-writes": "diagnostic: only the asked answers' tokens write (oracle gate)",
+    "oracle-writes": "diagnostic: only the episode's asked answers write (oracle gate)",
+    "oracle-row": "diagnostic: only the question's own answer writes (oracle gate)",
 }
 
 
