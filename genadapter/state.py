@@ -79,6 +79,11 @@ class AdapterState:
         S = {k: s + other.S[k] for k, s in self.S.items()}
         return self._like(S, self.n + other.n, metadata={})
 
+    def sum(self) -> AdapterState:
+        """One row: the state of all rows' streams read one after another (sums are order-free)."""
+        S = {k: s.sum(0, keepdim=True) for k, s in self.S.items()}
+        return self._like(S, self.n.sum(0, keepdim=True), metadata={})
+
     def decay(self, gamma: float) -> AdapterState:
         """Fade what was read so far: S <- gamma S (and n alike)."""
         if not 0.0 < float(gamma) <= 1.0:

@@ -72,6 +72,7 @@ def test_streaming_equalities(arch, key_window, key_gate):
     assert_states_close(whole, reversed_order)
     a, b = torch.cat(chunks[:2], 1), torch.cat(chunks[2:], 1)
     assert_states_close(ga.read(a) + ga.read(b), whole)
+    assert_states_close(ga.read(torch.cat([a, b])).sum(), whole)  # pieces as rows, then summed
     # decay: chunk by chunk equals one call
     gamma = 0.7
     stepwise = ga.new_state()

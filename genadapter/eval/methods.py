@@ -278,10 +278,15 @@ class GenAdapterMethod(Method):
         if self.control:
             context_texts = self.unrelated_texts(context_texts)
         t0 = time.perf_counter()
-        state = self.ga.new_state(batch_size=1)
         with torch.no_grad():
-            for text in context_texts:  # a stream: one document at a time
-                state = self.ga.read(text, state)
+            if self.ga.config.decay == 1.0 and context_texts:
+                # the documents as rows of one read, then summed: the state of reading them one
+                # after another (sums are order-free), with the chunks of all in full batches
+                state = self.ga.read(context_texts).sum()
+            else:  # a decaying state depends on the order: one document at a time
+                state = self.ga.new_state(batch_size=1)
+                for text in context_texts:
+                    state = self.ga.read(text, state)
         seconds = time.perf_counter() - t0
         return self._handle(
             AdapterLM(self.ga, state), adapt_seconds=seconds, state_bytes=int(state.nbytes)
