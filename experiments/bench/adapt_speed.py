@@ -7,7 +7,7 @@ adapt to the same held-out `facts` episodes, interleaved in one loop; each call 
 as a live stream must; `genadapter` reads them as rows of one batched read and sums the rows,
 which gives the same state (checked here). Target: genadapter adapts >= 20x faster than ttt-lora.
 
-    python experiments/bench/adapt_speed.py           # the 500- and 2K-token files, 3 episodes each
+    python experiments/bench/adapt_speed.py           # the 500- and 2K-token files, 2 episodes each
     python experiments/bench/adapt_speed.py --quick   # 500-token episodes only, 2 of them
 """
 
@@ -41,7 +41,7 @@ def main() -> int:
     methods = build_methods(config, model, tokenizer)
     ga = methods["genadapter:instruct"].ga
     episodes, _ = load_episodes(config)
-    per_file = 2 if args.quick else 3
+    per_file = 2
     rows = []
     for source in dict.fromkeys(src for src, _ in episodes):
         for _, ep in [e for e in episodes if e[0] == source][:per_file]:
@@ -67,7 +67,7 @@ def main() -> int:
                 ((batched.S[k] - streamed.S[k]).abs().max() / streamed.S[k].abs().max()).item()
                 for k in batched.S
             )
-            times = common.interleaved(calls, reps)
+            times = common.interleaved(calls, reps, warmup=0 if rows else 1)  # warm once
             med = {name: common.median(t["total"]) for name, t in times.items()}
             row = {"source": Path(source).stem, "episode": ep.id, "context_tokens": tokens,
                    "seconds": med, "state_max_rel_diff": same,

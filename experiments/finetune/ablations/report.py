@@ -42,6 +42,7 @@ LABELS = {  # also the table's row order
     "retrieval-keywin16": "loss: + retrieval loss, keys: key_window 16",
     "scratch-rin128-gate-share": "fresh generator with r_in 128, write gate, + share loss",
     "gate-supervised": "keys: write gate trained on answer tokens, + share loss",
+    "gate-supervised-keywin16": "the same, keys: key_window 16",
     "oracle-writes": "diagnostic: only the episode's asked answers write (oracle gate)",
     "oracle-row": "diagnostic: only the question's own answer writes (oracle gate)",
 }
