@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 README = HERE.parents[1] / "README.md"
 START, END = "<!-- bench:start", "<!-- bench:end -->"
-SCRIPTS = ["read_throughput", "answer_latency", "train_step"]
+SCRIPTS = ["read_throughput", "answer_latency", "train_step", "adapt_speed"]
 
 
 def targets(out: Path) -> list[list[str]]:
@@ -36,6 +36,9 @@ def targets(out: Path) -> list[list[str]]:
     for r in train["rows"]:
         rows.append(["train", f"step / plain fwd+bwd, {r['documents']}×{r['chunks_per_doc']}×"
                      f"{r['chunk_len']} (≥ 0.7)", f"{r['step_over_plain']:.3f}", r["verdict"]])  # fmt: skip
+    adapt = json.loads((out / "adapt_speed.json").read_text())
+    rows.append(["adapt", "ttt-lora / genadapter adapt time, headline episodes, median (≥ 20)",
+                 f"{adapt['median_ratio']:.1f}", adapt["verdict"]])  # fmt: skip
     return rows
 
 
