@@ -356,6 +356,8 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
     torch.testing.assert_close(
         out["gate_on"].double(), torch.stack(opened).view(n_targets, 2).mean(0).detach()
     )
+    episodes = batch["row_episode"].tolist()
+    assert out["gate_rows"].tolist() == [episodes.index(e) for e in (0, 1)]
     out["gate_loss"].backward()
     assert all(block.G.grad.abs().sum() > 0 for block in ga.generator.blocks.values())
     with pytest.raises(ValueError, match="'episode', 'row' or None"):

@@ -118,10 +118,7 @@ class GeneratorFinetuning(GeneratorPretraining):
                         f"{self._task(t)}/retrieval_{what}", x.mean(), x.new_tensor(len(x))
                     )
         if "gate_on" in out:  # over the episodes whose context states an asked answer
-            first_row = torch.searchsorted(
-                batch["row_episode"].to(self.device), out["gate_episodes"]
-            )
-            task = batch["row_task"].to(self.device)[first_row]
+            task = batch["row_task"].to(self.device)[out["gate_rows"]]
             for t in task.unique().tolist():
                 for what in ("on", "off"):
                     x = out[f"gate_{what}"][task == t]

@@ -281,7 +281,8 @@ def answer_losses(
     "episode", those of every question asked of the episode in the batch (the read-out then has
     only those few facts to choose from); "row", each question's own answer only (it reads its
     own copy of the context: nothing to choose, only the LM's decoding of the read-out is tested).
-    `with_gate` (generators with `key_gate`) adds the `gate_*` figures of `gate_losses`.
+    `with_gate` (generators with `key_gate`) adds the `gate_*` figures of `gate_losses`, and
+    `gate_rows`, the first answer row of each of their episodes.
     """
     if oracle_writes not in (None, "episode", "row"):
         raise ValueError(f"oracle_writes must be 'episode', 'row' or None, got {oracle_writes!r}")
@@ -336,6 +337,8 @@ def answer_losses(
                                     retrieval_kind))  # fmt: skip
     if with_gate:
         out.update(gate_losses(gates, asked.flatten(1), context_mask.flatten(1)))
+        if "gate_episodes" in out:  # each episode's first row: where its task is found
+            out["gate_rows"] = torch.searchsorted(episode, out["gate_episodes"])
     if with_base:
         with torch.no_grad():
             base_sum, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)
