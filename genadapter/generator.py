@@ -182,7 +182,9 @@ class ModuleGenerator(nn.Module):
         return k * mask[..., None]
 
     def gate_logits(self, h: Tensor) -> Tensor:
-        """G . h_t per token (b, t): the write gate is 2 sigmoid of it (needs `key_gate`)."""
+        """G . h_t per token (b, t): the write gate is 2 sigmoid of it."""
+        if self.G is None:
+            raise ValueError("this generator has no write gate (GeneratorConfig.key_gate is off)")
         return h @ self.G
 
     def mixer(self, N: Tensor, scaling: float) -> Tensor:
