@@ -65,6 +65,10 @@ class GeneratorConfig:
     # reading stays exact streaming); 1 = per-token keys. Values stay per token: a value written
     # at the end of "<subject> <relation> <value>" gets a key that still sees its subject.
     key_window: int = 1
+    # keys also see the next `key_lookahead` tokens of their chunk (the chunk is read in one
+    # forward, so streaming stays exact): a value stated before its relation ("<value> founded
+    # <org>") then gets a key that sees the relation too
+    key_lookahead: int = 0
     # a learned per-token write gate 2 sigmoid(G . h_t) on each key (G = 0 at init: gate 1), so
     # the state can keep the tokens that carry facts and drop the rest; streaming stays exact
     key_gate: bool = False
@@ -78,6 +82,14 @@ class GeneratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GeneratorConfig.{name} must be a positive int, got {value!r}")
+        if (
+            not isinstance(self.key_lookahead, int)
+            or isinstance(self.key_lookahead, bool)
+            or self.key_lookahead < 0
+        ):
+            raise ValueError(
+                f"GeneratorConfig.key_lookahead must be an int >= 0, got {self.key_lookahead!r}"
+            )
         if not isinstance(self.key_gate, bool):
             raise ValueError(f"GeneratorConfig.key_gate must be a bool, got {self.key_gate!r}")
         if self.normalization not in NORMALIZATIONS:

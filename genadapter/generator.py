@@ -85,16 +85,17 @@ def rms_normalize(h: Tensor) -> Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS)
 
 
-def causal_window_mean(h: Tensor, mask: Tensor, w: int) -> Tensor:
-    """Mean of h (b, t, d) over each position's last w unmasked positions of its row, itself
-    included (fewer at the row start); right padding (mask 0) never enters a real mean."""
-    if w == 1:
+def window_mean(h: Tensor, mask: Tensor, back: int, ahead: int = 0) -> Tensor:
+    """Mean of h (b, t, d) over each position's window of its row: its last `back` positions
+    (itself included) and the next `ahead`, cut at the row's ends; masked positions (padding)
+    never enter a real position's mean."""
+    if back == 1 and ahead == 0:
         return h
     m = mask.to(h.dtype)[..., None]
     total = F.pad((h * m).cumsum(1), (0, 0, 1, 0))  # prefix sums, total[:, i] = sum of h[:, :i]
     count = F.pad(m.cumsum(1), (0, 0, 1, 0))
-    end = torch.arange(1, h.shape[1] + 1, device=h.device)
-    start = (end - w).clamp(min=0)
+    here = torch.arange(1, h.shape[1] + 1, device=h.device)
+    start, end = (here - back).clamp(min=0), (here + ahead).clamp(max=h.shape[1])
     return (total[:, end] - total[:, start]) / (count[:, end] - count[:, start]).clamp(min=1)
 
 
@@ -248,7 +249,7 @@ class Generator(nn.Module):
         weight = mask if write is None else mask * write.to(self.dtype)
         for layer in self.layers:
             h = rms_normalize(hidden_states[layer].to(self.dtype))
-            h_key = causal_window_mean(h, mask, self.config.key_window)
+            h_key = window_mean(h, mask, self.config.key_window, self.config.key_lookahead)
             for t in self.targets:
                 if t.layer == layer:
                     k = self[t.name].keys(h, weight, h_key)
@@ -282,7 +283,9 @@ class Generator(nn.Module):
             shape = (c.base_model, c.r, c.r_in, self.names)
             # windowed keys mean another S; per-token keys keep their earlier fingerprints
             # (a gate's weights enter below, with K and V)
-            h.update(repr(shape + ((c.key_window,) if c.key_window != 1 else ())).encode())
+            window = (c.key_window,) if c.key_window != 1 else ()
+            window += ("ahead", c.key_lookahead) if c.key_lookahead else ()
+            h.update(repr(shape + window).encode())
             for p in params:
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self._fingerprint_cache = (key, h.hexdigest()[:16])

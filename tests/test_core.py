@@ -56,9 +56,9 @@ def test_fresh_generator_changes_nothing(arch):
 
 
 # 3. exact streaming (also with windowed keys: the windows stay inside a chunk; and gates)
-@pytest.mark.parametrize("key_window,key_gate", [(1, False), (3, True)])
-def test_streaming_equalities(arch, key_window, key_gate):
-    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate)
+@pytest.mark.parametrize("key_window,key_gate,ahead", [(1, False, 0), (3, True, 2)])
+def test_streaming_equalities(arch, key_window, key_gate, ahead):
+    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate, key_lookahead=ahead)
     doc = ids(1, 32)  # four chunks
     chunks = doc.split(8, dim=1)
     whole = ga.read(doc)
@@ -83,9 +83,9 @@ def test_streaming_equalities(arch, key_window, key_gate):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("key_window,key_gate", [(1, False), (5, True)])
-def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate):
-    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate)
+@pytest.mark.parametrize("key_window,key_gate,ahead", [(1, False, 0), (5, True, 3)])
+def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate, ahead):
+    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate, key_lookahead=ahead)
     rows = [ids(1, n, seed=n)[0] for n in (5, 19, 12)]
     width = max(len(r) for r in rows)
     x = torch.zeros(len(rows), width, dtype=torch.long)
@@ -99,9 +99,9 @@ def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate):
     assert batched.n.tolist() == [5, 19, 12]
 
 
-@pytest.mark.parametrize("key_gate", [False, True])
-def test_key_window_state_matches_float64_definition(arch, key_gate):
-    ga = make(arch, chunk_len=8, key_window=3, key_gate=key_gate)
+@pytest.mark.parametrize("key_gate,ahead", [(False, 0), (True, 0), (True, 2)])
+def test_key_window_state_matches_float64_definition(arch, key_gate, ahead):
+    ga = make(arch, chunk_len=8, key_window=3, key_gate=key_gate, key_lookahead=ahead)
     doc = ids(1, 20)  # chunks of 8, 8 and 4 tokens, each read on its own
     state = ga.read(doc)
     expected = {}
@@ -110,7 +110,9 @@ def test_key_window_state_matches_float64_definition(arch, key_gate):
             hidden = ga.context_features(chunk, torch.ones_like(chunk))
             for t in ga.generator.targets:
                 h = rms_normalize(hidden[t.layer][0].double())
-                keys = torch.stack([h[max(0, i - 2) : i + 1].mean(0) for i in range(len(h))])
+                keys = torch.stack(  # the last 3 tokens and the next `ahead`, in the chunk
+                    [h[max(0, i - 2) : i + 1 + ahead].mean(0) for i in range(len(h))]
+                )
                 block = ga.generator[t.name]
                 if key_gate:  # each token's write gate, from its own features
                     keys = keys * (2 * torch.sigmoid(h @ block.G.double()))[:, None]
@@ -305,6 +307,8 @@ def test_from_pretrained_overrides(tmp_path):
     )
     with pytest.raises(ValueError, match="key_gate must be a bool"):
         GeneratorConfig(key_gate="yes")
+    with pytest.raises(ValueError, match="key_lookahead must be an int >= 0"):
+        GeneratorConfig(key_lookahead=-1)
 
 
 # 9. base LM untouched by every public call, never requires grad; gradients reach the generator
