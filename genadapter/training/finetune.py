@@ -109,26 +109,23 @@ class GeneratorFinetuning(GeneratorPretraining):
                 self._accumulate(
                     f"{self._task(t)}/loss_{what}", (loss[sel] * weights[sel]).sum() / w, w
                 )
+        row_task = batch["row_task"].to(self.device)
         if "retrieval_hit" in out:  # over the questions whose context states the answer
-            task = batch["row_task"].to(self.device)[out["retrieval_rows"]]
-            for t in task.unique().tolist():
-                for what in ("hit", "share"):
-                    x = out[f"retrieval_{what}"][task == t]
-                    self._accumulate(
-                        f"{self._task(t)}/retrieval_{what}", x.mean(), x.new_tensor(len(x))
-                    )
+            self._per_task(row_task[out["retrieval_rows"]],
+                           {f"retrieval_{w}": out[f"retrieval_{w}"] for w in ("hit", "share")})  # fmt: skip
         if "gate_on" in out:  # over the episodes whose context states an asked answer
-            task = batch["row_task"].to(self.device)[out["gate_rows"]]
-            for t in task.unique().tolist():
-                for what in ("on", "off"):
-                    x = out[f"gate_{what}"][task == t]
-                    self._accumulate(f"{self._task(t)}/gate_{what}", x.mean(), x.new_tensor(len(x)))
+            self._per_task(row_task[out["gate_rows"]],
+                           {f"gate_{w}": out[f"gate_{w}"] for w in ("on", "off")})  # fmt: skip
         if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
-            task = batch["row_task"].to(self.device)[out["rank_group"]]
-            for t in task.unique().tolist():
-                correct = out["rank_correct"][task == t]
+            self._per_task(row_task[out["rank_group"]], {"choice": out["rank_correct"]})
+
+    def _per_task(self, task: torch.Tensor, figures: dict[str, torch.Tensor]) -> None:
+        """Accumulate each figure (one value per item, `task` the items' tasks) as a mean per task."""
+        for t in task.unique().tolist():
+            sel = task == t
+            for name, x in figures.items():
                 self._accumulate(
-                    f"{self._task(t)}/choice", correct.mean(), correct.new_tensor(len(correct))
+                    f"{self._task(t)}/{name}", x[sel].mean(), x.new_tensor(int(sel.sum()))
                 )
 
 
