@@ -248,18 +248,20 @@ def fit_target(block, train: dict, val: dict, layer: int, name: str, steps: int,
 
 def plot(result: dict, path: Path) -> None:
     fits = result["targets"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for ax, key in zip(axes, ("hit", "share"), strict=True):
+    panels = {
+        "hit_values": "hit among the value tokens (chance ~25 %)",
+        "hit": "hit over every token, gated",
+        "share": "gold share of the gated read-out",
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
+    for ax, (key, title) in zip(axes, panels.items(), strict=True):
         for kind in ("o_proj", "down_proj"):
             rows = [f for f in fits if f["target"].endswith(kind)]
             layers = [f["layer"] for f in rows]
-            ax.plot(
-                layers, [f["before"][key] for f in rows], ":", marker=".", label=f"{kind}, before"
-            )
-            ax.plot(
-                layers, [f["after"][key] for f in rows], "-", marker="o", label=f"{kind}, fitted"
-            )
-        ax.set(xlabel="layer", ylabel=key, title=f"validation {key} (gold tokens, gated read-out)")
+            before, after = ([f[w][key] for f in rows] for w in ("before", "after"))
+            ax.plot(layers, before, ":", marker=".", label=f"{kind}, before")
+            ax.plot(layers, after, "-", marker="o", label=f"{kind}, fitted")
+        ax.set(xlabel="layer", title=f"validation: {title}")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -279,7 +281,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, nargs="*", help="fit only these layers' targets")
     parser.add_argument("--data", default=str(ROOT / "data" / "benchmarks" / "facts"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "match-fit" / "generator"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(OUT.read_text()), OUT.with_suffix(".png"))
+        return 0
     torch.manual_seed(SEED)
     ga = GenerativeAdapter.from_pretrained(
         args.init, key_window=args.key_window, key_lookahead=args.key_lookahead, key_gate=True
