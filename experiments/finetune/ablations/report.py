@@ -50,6 +50,7 @@ LABELS = {  # also the table's row order
     "oracle-writes-share-keywin16-lr5e-3": "diagnostic: the same, learning rate 5e-3",
     "oracle-writes-share-lookahead": "diagnostic: the same, keys: 16 tokens back and 16 ahead",
     "match-fit": "K, A and write gate fitted offline first (match_fit.py), + share loss",
+    "match-fit-zero-b": "the same, from B = 0 (queries as fitted)",
     "match-fit-oracle-writes": "diagnostic: the same, only the episode's asked answers write",
     "match-fit-zero-b-oracle-writes": "diagnostic: the same, from B = 0 (queries as fitted)",
     "oracle-row": "diagnostic: only the question's own answer writes (oracle gate)",
