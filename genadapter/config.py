@@ -78,18 +78,12 @@ class GeneratorConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, ...)
 
     def __post_init__(self) -> None:
-        for name in ("r", "r_in", "chunk_len", "key_window"):
+        for name, least in (("r", 1), ("r_in", 1), ("chunk_len", 1), ("key_window", 1),
+                            ("key_lookahead", 0)):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GeneratorConfig.{name} must be a positive int, got {value!r}")
-        if (
-            not isinstance(self.key_lookahead, int)
-            or isinstance(self.key_lookahead, bool)
-            or self.key_lookahead < 0
-        ):
-            raise ValueError(
-                f"GeneratorConfig.key_lookahead must be an int >= 0, got {self.key_lookahead!r}"
-            )
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                what = "a positive int" if least == 1 else f"an int >= {least}"
+                raise ValueError(f"GeneratorConfig.{name} must be {what}, got {value!r}")
         if not isinstance(self.key_gate, bool):
             raise ValueError(f"GeneratorConfig.key_gate must be a bool, got {self.key_gate!r}")
         if self.normalization not in NORMALIZATIONS:

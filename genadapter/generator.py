@@ -248,8 +248,7 @@ class Generator(nn.Module):
         out, mask = {}, mask.to(self.dtype)
         weight = mask if write is None else mask * write.to(self.dtype)
         for layer in self.layers:
-            h = rms_normalize(hidden_states[layer].to(self.dtype))
-            h_key = window_mean(h, mask, self.config.key_window, self.config.key_lookahead)
+            h, h_key = self.features(hidden_states[layer], mask)
             for t in self.targets:
                 if t.layer == layer:
                     k = self[t.name].keys(h, weight, h_key)
@@ -259,6 +258,13 @@ class Generator(nn.Module):
                         gates[t.name] = self[t.name].gate_logits(h)
                     out[t.name] = self[t.name].statistics(h, k).to(self.state_dtype)
         return out
+
+    def features(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(h, h̄) for one layer's hidden states (b, t, d) and mask (b, t): the RMS-normalised
+        features values are made of, and their key-window means keys are made of."""
+        h = rms_normalize(hidden.to(self.dtype))
+        c = self.config
+        return h, window_mean(h, mask.to(self.dtype), c.key_window, c.key_lookahead)
 
     def normalized(self, S: dict[str, Tensor], n: Tensor) -> dict[str, Tensor]:
         c = self.config

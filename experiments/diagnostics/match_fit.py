@@ -47,7 +47,6 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
-from genadapter.generator import rms_normalize, window_mean  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
 from genadapter.training.instruct_data import collate_episodes, encode_episode  # noqa: E402
 
@@ -63,10 +62,9 @@ def features(ga: GenerativeAdapter, batch: dict) -> tuple[dict[int, tuple], torc
     flat_ids, flat_mask = ids.view(E * T, C), mask.view(E * T, C)
     real = flat_mask.any(1)
     hidden = ga.context_features(flat_ids[real], flat_mask[real])
-    c, out = ga.generator.config, {}
+    out = {}
     for layer in ga.generator.layers:
-        h = rms_normalize(hidden[layer].float())
-        h_bar = window_mean(h, flat_mask[real].float(), c.key_window, c.key_lookahead)
+        h, h_bar = ga.generator.features(hidden[layer], flat_mask[real])
         full = [h.new_zeros(E * T, C, h.shape[-1]).index_copy(0, real.nonzero()[:, 0], x)
                 for x in (h, h_bar)]  # fmt: skip
         out[layer] = tuple(x.view(E, T * C, -1) for x in full)
