@@ -9,7 +9,7 @@ little room for that. This fits the same loss from a fresh random init at growin
 cached features, for a few targets, and reports the validation figures per width.
 
     python experiments/diagnostics/match_width.py   # ~20 min here; needs match_fit.py's cache
-        [--widths 32 128 512] [--targets model.layers.22.self_attn.o_proj ...] [--steps 300]
+        [--widths 32 128 512] [--targets model.layers.22.self_attn.o_proj ...] [--steps 300] [--replot]
 Writes results/match_width.{json,png}.
 """
 
@@ -53,7 +53,9 @@ def plot(result: dict, path: Path) -> None:
             fits = [f for f in result["fits"] if f["target"] == target]
             ax.plot([f["r_in"] for f in fits], [100 * f["after"][key] for f in fits], marker="o",
                     label=target.removeprefix("model."))  # fmt: skip
-        ax.set(xscale="log", xlabel="r_in", ylabel="%", title=title)
+        ax.set(xscale="log", xlabel="r_in", ylabel="%", title=title, ylim=(0, None))
+        ax.set_xticks(result["widths"], [str(w) for w in result["widths"]])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -71,7 +73,11 @@ def main() -> int:
         "--init", default=str(ROOT / "experiments/pretrain/smollm2-wiki-all-generator")
     )
     parser.add_argument("--data", default=str(ROOT / "data" / "benchmarks" / "facts"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(OUT.read_text()), OUT.with_suffix(".png"))
+        return 0
     # the features and their cache are match_fit.py's: the same generator settings
     ga = GenerativeAdapter.from_pretrained(
         args.init, key_window=16, key_lookahead=16, key_gate=True
