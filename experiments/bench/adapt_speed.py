@@ -9,6 +9,8 @@ which gives the same state (checked here). Target: genadapter adapts >= 20x fast
 
     python experiments/bench/adapt_speed.py           # the 500- and 2K-token files, 2 episodes each
     python experiments/bench/adapt_speed.py --quick   # 500-token episodes only, 2 of them
+    python experiments/bench/adapt_speed.py --task persona      # or wiki-topic: that headline's
+                                                                # config, its first 2 episodes
 """
 
 from __future__ import annotations
@@ -23,19 +25,23 @@ import yaml
 from genadapter.assets import load_base_model
 from genadapter.eval.harness import EvalConfig, build_methods, load_episodes
 
-CONFIG = common.ROOT / "experiments/eval/headline_facts.yaml"
+CONFIGS = {task: common.ROOT / f"experiments/eval/headline_{task.replace('-', '_')}.yaml"
+           for task in ("facts", "persona", "wiki-topic")}  # fmt: skip
 METHODS = ["genadapter:instruct", "ttt-lora", "ttt-bitfit"]
 TARGET = 20.0
 
 
 def main() -> int:
-    args = common.parser(__doc__).parse_args()
+    parser = common.parser(__doc__)
+    parser.add_argument("--task", choices=list(CONFIGS), default="facts")
+    args = parser.parse_args()
     env = common.setup(args)
     reps = args.reps or (2 if args.quick else 3)
-    files = ["test-500"] if args.quick else ["test-500", "test-2k"]
-    raw = yaml.safe_load(CONFIG.read_text())
-    raw.update(methods=METHODS, out=None, reuse=[], max_episodes=None,
-               data=[f"data/benchmarks/facts/{f}.jsonl" for f in files])  # fmt: skip
+    raw = yaml.safe_load(CONFIGS[args.task].read_text())
+    raw.update(methods=METHODS, out=None, reuse=[], max_episodes=None)
+    if args.task == "facts":
+        files = ["test-500"] if args.quick else ["test-500", "test-2k"]
+        raw["data"] = [f"data/benchmarks/facts/{f}.jsonl" for f in files]
     config = EvalConfig.from_dict(raw)
     model, tokenizer = load_base_model(config.model)
     methods = build_methods(config, model, tokenizer)
@@ -79,8 +85,9 @@ def main() -> int:
                   + f"; ttt-lora / genadapter {row['ttt_lora_over_genadapter']:.1f}x"
                   f" (stream {row['ttt_lora_over_stream']:.1f}x), states differ by {same:.1e} (relative)", flush=True)  # fmt: skip
     ratio = common.median([r["ttt_lora_over_genadapter"] for r in rows])
-    result = common.header("adapt_speed", env, ga, reps)
-    result.update(generator=config.generators["instruct"], rows=rows, median_ratio=ratio,
+    stem = "adapt_speed" if args.task == "facts" else f"adapt_speed_{args.task.replace('-', '_')}"
+    result = common.header(stem, env, ga, reps)
+    result.update(task=args.task, generator=config.generators["instruct"], rows=rows, median_ratio=ratio,
                   target=TARGET, verdict=common.verdict(ratio, TARGET))  # fmt: skip
     table = common.md_table(
         ["file", "context tokens", *calls, "ttt-lora / genadapter", "ttt-lora / stream"],
@@ -103,7 +110,7 @@ def main() -> int:
     ax.set_ylabel("adapt seconds (log)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    common.write("adapt_speed", args.out, result, md, fig)
+    common.write(stem, args.out, result, md, fig)
     return 0
 
 
