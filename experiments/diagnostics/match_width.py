@@ -8,7 +8,7 @@ silence a token t by making its key K h̄_t orthogonal to the query, and r_in di
 little room for that. This fits the same loss from a fresh random init at growing r_in, on the same
 cached features, for a few targets, and reports the validation figures per width.
 
-    python experiments/diagnostics/match_width.py   # ~20 min here; needs match_fit.py's cache
+    python experiments/diagnostics/match_width.py   # ~17 min here; needs match_fit.py's cache
         [--widths 32 128 512] [--targets model.layers.22.self_attn.o_proj ...] [--steps 300] [--replot]
 Writes results/match_width.{json,png}.
 """
