@@ -78,8 +78,13 @@ class GeneratorConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, ...)
 
     def __post_init__(self) -> None:
-        for name, least in (("r", 1), ("r_in", 1), ("chunk_len", 1), ("key_window", 1),
-                            ("key_lookahead", 0)):  # fmt: skip
+        for name, least in (
+            ("r", 1),
+            ("r_in", 1),
+            ("chunk_len", 1),
+            ("key_window", 1),
+            ("key_lookahead", 0),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 what = "a positive int" if least == 1 else f"an int >= {least}"

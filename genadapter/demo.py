@@ -16,8 +16,10 @@ from genadapter.assets import data_dir
 
 # the instruction-tuned generator (experiments/finetune), else the self-supervised one it started from
 _EXPERIMENTS = data_dir().parent / "experiments"
-_GENERATORS = [_EXPERIMENTS / "finetune" / "smollm2-instruct-generator",
-               _EXPERIMENTS / "pretrain" / "smollm2-wiki-generator"]  # fmt: skip
+_GENERATORS = [
+    _EXPERIMENTS / "finetune" / "smollm2-instruct-generator",
+    _EXPERIMENTS / "pretrain" / "smollm2-wiki-generator",
+]
 DEFAULT_GENERATOR = next((g for g in _GENERATORS if g.is_dir()), _GENERATORS[-1])
 
 
@@ -71,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
             min(len(stream), (i + 1) * len(stream) // (len(episode.context) + 1) + i), doc
         )
 
-    methods = {name: make_method(name, ga.base_model, ga.tokenizer, ga=ga, max_new_tokens=args.max_new_tokens)
-               for name in ("base", "prompt", "genadapter")}  # fmt: skip
+    methods = {
+        name: make_method(
+            name, ga.base_model, ga.tokenizer, ga=ga, max_new_tokens=args.max_new_tokens
+        )
+        for name in ("base", "prompt", "genadapter")
+    }
     handles, cost = {}, Table(title=f"adapting to a stream of {len(stream)} documents")
     for col in ("method", "adapt time", "memory for the context", "context tokens"):
         cost.add_column(col, justify="right")
@@ -111,8 +117,12 @@ def run(args: argparse.Namespace) -> int:
             if name == "genadapter"
             else f"KV cache {s.get('kv_cache_bytes', 0):,} B"
         )
-        cost.add_row(name, f"{s['adapt_seconds']:.1f}s", memory if name != "base" else "-",
-                     str(n_tokens) if name != "base" else "0")  # fmt: skip
+        cost.add_row(
+            name,
+            f"{s['adapt_seconds']:.1f}s",
+            memory if name != "base" else "-",
+            str(n_tokens) if name != "base" else "0",
+        )
     console.print(cost)
     summary = Table(title="means over the questions")
     for col in ("method", "F1", "answer NLL (nats/token)", "answer time"):

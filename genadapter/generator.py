@@ -236,10 +236,13 @@ class Generator(nn.Module):
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def statistics(
-        self, hidden_states: tuple[Tensor, ...], mask: Tensor,
-        keys: dict[str, Tensor] | None = None, write: Tensor | None = None,
+        self,
+        hidden_states: tuple[Tensor, ...],
+        mask: Tensor,
+        keys: dict[str, Tensor] | None = None,
+        write: Tensor | None = None,
         gates: dict[str, Tensor] | None = None,
-    ) -> dict[str, Tensor]:  # fmt: skip
+    ) -> dict[str, Tensor]:
         """Per-row state increments from the base LM's hidden states (HF index l = input of layer l).
         With a `keys` dict, also fills it with the per-token keys summed, {name: (b, t, r_in)},
         and with a `gates` dict (generators with `key_gate`), with the gate logits {name: (b, t)}.

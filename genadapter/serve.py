@@ -117,22 +117,35 @@ class TenantStore:
                 raise HTTPError(507, str(e)) from e
             self.states[tenant] = new  # the swap: readers see the old or the new state, whole
         stats = reader.stats
-        return {"tenant": tenant, "documents_read": stats.documents, "tokens_read": stats.tokens,
-                "skipped": stats.skipped, **self.info(tenant, new)}  # fmt: skip
+        return {
+            "tenant": tenant,
+            "documents_read": stats.documents,
+            "tokens_read": stats.tokens,
+            "skipped": stats.skipped,
+            **self.info(tenant, new),
+        }
 
     def generate(self, tenant: str, prompt: str, max_new_tokens: int, chat: bool) -> dict[str, Any]:
         state = self.get(tenant)
         start = time.perf_counter()
         with self.model_lock:
             text = self.ga.generate(prompt, state=state, max_new_tokens=max_new_tokens, chat=chat)
-        return {"tenant": tenant, "text": text, "seconds": round(time.perf_counter() - start, 3),
-                "state_tokens": float(state.n.sum())}  # fmt: skip
+        return {
+            "tenant": tenant,
+            "text": text,
+            "seconds": round(time.perf_counter() - start, 3),
+            "state_tokens": float(state.n.sum()),
+        }
 
     def info(self, tenant: str, state: AdapterState | None = None) -> dict[str, Any]:
         state = self.get(tenant) if state is None else state
-        return {"tenant": tenant, "tokens": float(state.n.sum()),
-                "documents": total_documents(state.metadata), "bytes": state.nbytes,
-                "generator": state.generator}  # fmt: skip
+        return {
+            "tenant": tenant,
+            "tokens": float(state.n.sum()),
+            "documents": total_documents(state.metadata),
+            "bytes": state.nbytes,
+            "generator": state.generator,
+        }
 
 
 def _field(body: dict, name: str, kind: type, default: Any = None, required: bool = False) -> Any:
@@ -241,9 +254,13 @@ def make_handler(store: TenantStore, max_body: int = MAX_BODY, quiet: bool = Tru
 
 
 def make_server(
-    ga, state_dir: str | Path, host: str = "127.0.0.1", port: int = 0, max_body: int = MAX_BODY,
+    ga,
+    state_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_body: int = MAX_BODY,
     quiet: bool = True,
-) -> ThreadingHTTPServer:  # fmt: skip
+) -> ThreadingHTTPServer:
     """A server bound to (host, port); port 0 picks a free one (`server.server_address`)."""
     server = ThreadingHTTPServer(
         (host, port), make_handler(TenantStore(ga, state_dir), max_body, quiet)

@@ -142,8 +142,13 @@ class AdapterState:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"S/{k}": s.detach().contiguous().cpu() for k, s in self.S.items()}
         tensors["n"] = self.n.detach().contiguous().cpu()
-        header = {"format": FORMAT, "generator": self.generator, "config": self.config,
-                  "metadata": self.metadata, "names": list(self.S)}  # fmt: skip
+        header = {
+            "format": FORMAT,
+            "generator": self.generator,
+            "config": self.config,
+            "metadata": self.metadata,
+            "names": list(self.S),
+        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:

@@ -18,9 +18,16 @@ VOCAB = 128
 
 
 def tiny_config(arch: str, vocab: int = VOCAB, init_range: float = 0.02):
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=init_range)  # fmt: skip
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=init_range,
+    )
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":

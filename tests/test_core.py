@@ -250,8 +250,10 @@ def test_none_normalization_is_mean():
     ga = make("llama", normalization="none")
     doc = ids(1, 24)
     st = ga.read(doc)
-    torch.testing.assert_close(ga.delta_weights(ga.read(doc, st))["model.layers.0.mlp.down_proj"],
-                               ga.delta_weights(st)["model.layers.0.mlp.down_proj"])  # fmt: skip
+    torch.testing.assert_close(
+        ga.delta_weights(ga.read(doc, st))["model.layers.0.mlp.down_proj"],
+        ga.delta_weights(st)["model.layers.0.mlp.down_proj"],
+    )
 
 
 # 8. save/load round trips; a state of another generator is refused by name
@@ -281,23 +283,28 @@ def test_from_pretrained_overrides(tmp_path):
     ga = make("qwen2")
     ga.save_pretrained(tmp_path / "gen")
     weights = ga.generator_state_dict()
-    svd = GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model,
-                                            normalization="svd")  # fmt: skip
+    svd = GenerativeAdapter.from_pretrained(
+        tmp_path / "gen", base_model=ga.base_model, normalization="svd"
+    )
     assert svd.config.normalization == "svd"
     assert all(torch.equal(v, weights[k]) for k, v in svd.generator_state_dict().items())
     suffix = ga.generator.names[-1].rsplit(".", 1)[-1]
-    sub = GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model,
-                                            target_modules=[suffix])  # fmt: skip
+    sub = GenerativeAdapter.from_pretrained(
+        tmp_path / "gen", base_model=ga.base_model, target_modules=[suffix]
+    )
     assert 0 < len(sub.generator.names) < len(ga.generator.names)
     assert all(n.endswith(suffix) for n in sub.generator.names)
     assert all(torch.equal(v, weights[k]) for k, v in sub.generator_state_dict().items())
     with pytest.raises(ValueError, match="cannot override"):
         GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model, r=8)
     # gates added to an ungated generator start open: the same states and outputs
-    gated = GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model,
-                                              key_gate=True)  # fmt: skip
-    assert all(torch.equal(gated.generator[n].G, torch.zeros_like(gated.generator[n].G))
-               for n in gated.generator.names)  # fmt: skip
+    gated = GenerativeAdapter.from_pretrained(
+        tmp_path / "gen", base_model=ga.base_model, key_gate=True
+    )
+    assert all(
+        torch.equal(gated.generator[n].G, torch.zeros_like(gated.generator[n].G))
+        for n in gated.generator.names
+    )
     x = ids(1, 20)
     assert_states_close(gated.read(x), ga.read(x), tol=1e-6)
     gated.save_pretrained(tmp_path / "gated")
@@ -382,8 +389,13 @@ def test_text_reading_and_empty_text(smollm2_tokenizer):
     state = ga.read(
         ["The cat sat on the mat.", "A much longer second document about the river and the town."]
     )
-    n_tokens = [len(smollm2_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in
-                ["The cat sat on the mat.", "A much longer second document about the river and the town."]]  # fmt: skip
+    n_tokens = [
+        len(smollm2_tokenizer(t, add_special_tokens=False)["input_ids"])
+        for t in [
+            "The cat sat on the mat.",
+            "A much longer second document about the river and the town.",
+        ]
+    ]
     assert state.n.tolist() == n_tokens
     one = state.select(0)
     assert ga.read("", one).equal(one)

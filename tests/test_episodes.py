@@ -24,9 +24,11 @@ def qa_ep(i: int = 0) -> QAEpisode:
     return QAEpisode(
         f"qa-{i}",
         ["Zorbil Quanto was born in Lyon.", "Café Émile — ünïcode ✓"],
-        [QA("Where was Zorbil Quanto born?", ["Lyon"]),
-         QA("Where is the café?", ["Paris"], options=["Rome", "Paris", "Lyon"])],
-    )  # fmt: skip
+        [
+            QA("Where was Zorbil Quanto born?", ["Lyon"]),
+            QA("Where is the café?", ["Paris"], options=["Rome", "Paris", "Lyon"]),
+        ],
+    )
 
 
 def demo_ep(i: int = 0) -> DemoEpisode:
@@ -72,9 +74,15 @@ def test_json_layout():
     assert qa_ep().to_json() == {
         "id": "qa-0",
         "context": qa_ep().context,
-        "qas": [{"question": "Where was Zorbil Quanto born?", "answers": ["Lyon"]},
-                {"question": "Where is the café?", "answers": ["Paris"], "options": ["Rome", "Paris", "Lyon"]}],
-    }  # fmt: skip
+        "qas": [
+            {"question": "Where was Zorbil Quanto born?", "answers": ["Lyon"]},
+            {
+                "question": "Where is the café?",
+                "answers": ["Paris"],
+                "options": ["Rome", "Paris", "Lyon"],
+            },
+        ],
+    }
     assert demo_ep().to_json()["queries"] == [
         {"input": "Guernica", "output": "Arts", "options": LABELS}
     ]

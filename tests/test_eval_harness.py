@@ -14,13 +14,26 @@ from genadapter.eval.harness import ALL_METHODS, EvalConfig, run_eval
 from genadapter.eval.report import assign_groups, summarize, write_report
 
 GOOD = [
-    {"id": "short", "context": ["Alice lives in Paris."],
-     "qas": [{"question": "Where does Alice live?", "answers": ["Paris"],
-              "options": ["Rome", "Paris", "Oslo"]}]},
-    {"id": "long", "context": ["Bob sells bread in Rome. " * 30],
-     "qas": [{"question": "What does Bob sell?", "answers": ["bread"]},
-             {"question": "Where is Bob?", "answers": ["Rome", "in Rome"]}]},
-]  # fmt: skip
+    {
+        "id": "short",
+        "context": ["Alice lives in Paris."],
+        "qas": [
+            {
+                "question": "Where does Alice live?",
+                "answers": ["Paris"],
+                "options": ["Rome", "Paris", "Oslo"],
+            }
+        ],
+    },
+    {
+        "id": "long",
+        "context": ["Bob sells bread in Rome. " * 30],
+        "qas": [
+            {"question": "What does Bob sell?", "answers": ["bread"]},
+            {"question": "Where is Bob?", "answers": ["Rome", "in Rome"]},
+        ],
+    },
+]
 BAD = [
     {"id": "no-qas", "context": ["x"]},
     {"id": "empty-context", "context": [" "], "qas": [{"question": "q", "answers": ["a"]}]},
@@ -28,18 +41,28 @@ BAD = [
 ]
 DEMO = {
     "id": "d1",
-    "demonstrations": [{"input": "Paris is a city.", "output": "place"},
-                       {"input": "Alice is a doctor.", "output": "person"}],
-    "queries": [{"input": "Rome is old.", "output": "place", "options": ["place", "person"]},
-                {"input": "Bob bakes.", "output": "person", "options": ["place", "person"]}],
-}  # fmt: skip
+    "demonstrations": [
+        {"input": "Paris is a city.", "output": "place"},
+        {"input": "Alice is a doctor.", "output": "person"},
+    ],
+    "queries": [
+        {"input": "Rome is old.", "output": "place", "options": ["place", "person"]},
+        {"input": "Bob bakes.", "output": "person", "options": ["place", "person"]},
+    ],
+}
 
 
 def tiny_llama(max_positions: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=max_positions)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -55,8 +78,14 @@ def qa_file(tmp_path):
 
 
 def test_run_eval_all_methods_qa(qa_file, tmp_path, smollm2_tokenizer):
-    config = EvalConfig(task="qa", data=[qa_file], out=str(tmp_path / "out"), ttt_steps=2,
-                        window=16, max_new_tokens=4)  # fmt: skip
+    config = EvalConfig(
+        task="qa",
+        data=[qa_file],
+        out=str(tmp_path / "out"),
+        ttt_steps=2,
+        window=16,
+        max_new_tokens=4,
+    )
     results = run_eval(config, tiny_llama(), smollm2_tokenizer, progress=False)
     assert len(results["problems"]) == 4  # three bad episodes + one broken line, all reported
     recs = {(r["method"], r["episode"]): r for r in results["records"]}
@@ -89,8 +118,9 @@ def test_run_eval_all_methods_qa(qa_file, tmp_path, smollm2_tokenizer):
 
 def test_run_eval_demo(tmp_path, smollm2_tokenizer):
     data = write_jsonl(tmp_path / "demo.jsonl", [DEMO])
-    config = EvalConfig(task="demo", data=[data], methods=["base", "prompt", "ttt-bitfit"],
-                        ttt_steps=1)  # fmt: skip
+    config = EvalConfig(
+        task="demo", data=[data], methods=["base", "prompt", "ttt-bitfit"], ttt_steps=1
+    )
     results = run_eval(config, tiny_llama(), smollm2_tokenizer, progress=False)
     assert not results["problems"]
     for r in results["records"]:
@@ -126,11 +156,25 @@ def test_cli_with_yaml_config(qa_file, tmp_path, smollm2_tokenizer, capsys):
     tiny_llama(max_positions=512).save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"task: qa\ndata: [{qa_file}]\nmodel: {model_dir}\nmethods: [base, prompt]\n"
-                   f"max_new_tokens: 3\nout: {tmp_path / 'ignored'}\n")  # fmt: skip
+    cfg.write_text(
+        f"task: qa\ndata: [{qa_file}]\nmodel: {model_dir}\nmethods: [base, prompt]\n"
+        f"max_new_tokens: 3\nout: {tmp_path / 'ignored'}\n"
+    )
     out = tmp_path / "cli-out"
-    code = genadapter_main(["eval", "--config", str(cfg), "--out", str(out), "--no-progress",
-                            "--methods", "base,prompt,prompt-window", "--window", "8"])  # fmt: skip
+    code = genadapter_main(
+        [
+            "eval",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--methods",
+            "base,prompt,prompt-window",
+            "--window",
+            "8",
+        ]
+    )
     assert code == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["methods"] == ["base", "prompt", "prompt-window"]  # flag beats YAML
@@ -153,8 +197,14 @@ def test_labelled_generators_side_by_side_and_episode_limits_per_file(
         dirs[label] = str(tmp_path / label)
         ga.save_pretrained(dirs[label])
     other = write_jsonl(tmp_path / "other.jsonl", GOOD)
-    config = EvalConfig(task="qa", data=[qa_file, other], methods=["base", "genadapter:fresh", "genadapter:trained"],
-                        generators=dirs, max_episodes={other: 1}, max_new_tokens=3)  # fmt: skip
+    config = EvalConfig(
+        task="qa",
+        data=[qa_file, other],
+        methods=["base", "genadapter:fresh", "genadapter:trained"],
+        generators=dirs,
+        max_episodes={other: 1},
+        max_new_tokens=3,
+    )
     results = run_eval(config, model, smollm2_tokenizer, progress=False)
     recs = {(r["method"], r["source"], r["episode"]): r for r in results["records"]}
     assert len(recs) == 3 * (2 + 1)  # both good episodes of qa_file, one of `other`
@@ -170,8 +220,14 @@ def test_labelled_generators_side_by_side_and_episode_limits_per_file(
 
 
 def test_ttt_over_budget_is_recorded_not_run(qa_file, tmp_path, smollm2_tokenizer):
-    config = EvalConfig(task="qa", data=[qa_file], methods=["base", "ttt-bitfit"], ttt_steps=1, max_new_tokens=2,
-                        method_options={"ttt-bitfit": {"max_context_tokens": 50}})  # fmt: skip
+    config = EvalConfig(
+        task="qa",
+        data=[qa_file],
+        methods=["base", "ttt-bitfit"],
+        ttt_steps=1,
+        max_new_tokens=2,
+        method_options={"ttt-bitfit": {"max_context_tokens": 50}},
+    )
     results = run_eval(config, tiny_llama(), smollm2_tokenizer, progress=False)
     status = {(r["method"], r["episode"]): r["status"] for r in results["records"]}
     assert (
@@ -190,16 +246,26 @@ def test_reuse_takes_over_records_only_under_the_same_settings_and_weights(
     ga = GenerativeAdapter.from_base(model, GeneratorConfig(r=4, r_in=4, chunk_len=8))
     ga.save_pretrained(tmp_path / "gen")
     generators = {"a": str(tmp_path / "gen"), "b": str(tmp_path / "gen")}
-    config = EvalConfig(task="qa", data=[qa_file], methods=["base", "genadapter:a", "genadapter:b"],
-                        generators=generators, max_new_tokens=3)  # fmt: skip
+    config = EvalConfig(
+        task="qa",
+        data=[qa_file],
+        methods=["base", "genadapter:a", "genadapter:b"],
+        generators=generators,
+        max_new_tokens=3,
+    )
     first = write_report(run_eval(config, model, smollm2_tokenizer, progress=False), tmp_path / "1")
     for block in ga.generator.blocks.values():  # generator b is retrained under the same path
         torch.nn.init.normal_(block.B)
     ga.save_pretrained(tmp_path / "gen-b")
     generators["b"] = str(tmp_path / "gen-b")
-    again = EvalConfig(task="qa", data=[qa_file], methods=["base", "prompt", "genadapter:a", "genadapter:b"],
-                       generators=generators, max_new_tokens=3,
-                       reuse=[str(first["json"]), str(tmp_path / "missing.json")])  # fmt: skip
+    again = EvalConfig(
+        task="qa",
+        data=[qa_file],
+        methods=["base", "prompt", "genadapter:a", "genadapter:b"],
+        generators=generators,
+        max_new_tokens=3,
+        reuse=[str(first["json"]), str(tmp_path / "missing.json")],
+    )
     results = run_eval(again, model, smollm2_tokenizer, progress=False)
     earlier = {
         (r["method"], r["episode"]): r for r in json.loads(first["json"].read_text())["records"]

@@ -20,9 +20,15 @@ TTT = ("ttt-lora", "ttt-bitfit", "ttt-adapter")
 
 def tiny_llama(seed: int = 0, max_positions: int = 256) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=max_positions)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -38,9 +44,16 @@ def copying_model(c: float = 8.0) -> LlamaForCausalLM:
     so tokens seen in the prompt get higher logits (through the tied head)."""
     torch.manual_seed(0)
     d = 64
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=d, num_hidden_layers=1,
-                      num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=True)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=d,
+        intermediate_size=d,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg).eval()
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
@@ -144,8 +157,11 @@ def test_ttt_lowers_context_loss_and_restores_base(name, arch, smollm2_tokenizer
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert context_loss(model, smollm2_tokenizer) == base_loss
         assert not any(m._forward_hooks for m in model.modules())
-        assert all(type(mod).__module__.startswith("transformers") or
-                   type(mod).__module__.startswith("torch") for mod in model.modules())  # fmt: skip
+        assert all(
+            type(mod).__module__.startswith("transformers")
+            or type(mod).__module__.startswith("torch")
+            for mod in model.modules()
+        )
 
 
 def test_ttt_detects_a_changed_base(smollm2_tokenizer):

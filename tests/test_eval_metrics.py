@@ -61,8 +61,14 @@ def test_target_logprobs_hand_computed():
 
 
 def test_kv_cache_bytes_matches_a_real_cache():
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         cache = model(torch.randint(0, 64, (1, 11)), use_cache=True).past_key_values

@@ -40,9 +40,14 @@ def qa_episode(i: int) -> dict:
     rng = random.Random(i)
     name = f"Person{i}"
     city, job = rng.choice(CITIES), rng.choice(JOBS)
-    return {"id": f"ep{i}", "context": [f"{name} lives in {city}.", f"{name} works as a {job}."],
-            "qas": [{"question": f"Where does {name} live?", "answers": [city]},
-                    {"question": f"What is the job of {name}?", "answers": [job]}]}  # fmt: skip
+    return {
+        "id": f"ep{i}",
+        "context": [f"{name} lives in {city}.", f"{name} works as a {job}."],
+        "qas": [
+            {"question": f"Where does {name} live?", "answers": [city]},
+            {"question": f"What is the job of {name}?", "answers": [job]},
+        ],
+    }
 
 
 def read_episode(d: dict) -> QAEpisode:
@@ -52,15 +57,24 @@ def read_episode(d: dict) -> QAEpisode:
 def demo_episode(i: int) -> dict:
     labels = ["good", "bad"]
     demos = [{"input": f"review {i}-{k}", "output": labels[k % 2]} for k in range(3)]
-    return {"id": f"demo{i}", "demonstrations": demos,
-            "queries": [{"input": f"review {i}-q", "output": "good", "options": labels}]}  # fmt: skip
+    return {
+        "id": f"demo{i}",
+        "demonstrations": demos,
+        "queries": [{"input": f"review {i}-q", "output": "good", "options": labels}],
+    }
 
 
 @pytest.fixture(scope="module")
 def episode_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("episodes")
-    files = {"qa": [qa_episode(i) for i in range(12)], "demo": [demo_episode(i) for i in range(6)],
-             "corpus": [{"text": f"document {i} tells a short story about the sea and a ship"} for i in range(20)]}  # fmt: skip
+    files = {
+        "qa": [qa_episode(i) for i in range(12)],
+        "demo": [demo_episode(i) for i in range(6)],
+        "corpus": [
+            {"text": f"document {i} tells a short story about the sea and a ship"}
+            for i in range(20)
+        ],
+    }
     paths = {}
     for name, rows in files.items():
         paths[name] = root / f"{name}.jsonl"
@@ -72,19 +86,46 @@ def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) ->
     cfg = {
         "seed": 0,
         "run_dir": str(tmp_path / "run"),
-        "model": {"base_model": str(tiny_dir), "generator": {"r": 8, "r_in": 8, "chunk_len": 4, "key_gate": True},
-                  "lr": 0.01, "warmup_steps": 2, "decay_steps": 6, "targets_per_doc": 2, "rank_weight": 0.5,
-                  "retrieval_weight": 0.5, "gate_weight": 0.5},
-        "data": {"train_files": {str(files["qa"]): 2.0, str(files["demo"]): 1.0},
-                 "val_files": [str(files["qa"]), str(files["demo"])], "episodes_per_batch": 2,
-                 "max_questions": 2, "val_episodes": 2, "lm_every": 3, "source": str(files["corpus"]),
-                 "chunk_len": 4, "max_chunks": 3, "min_chunks": 2, "batch_size": 2, "val_percent": 0.0,
-                 "rank_options": 3},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "enable_progress_bar": False,
-                    "enable_model_summary": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
-                    "limit_val_batches": 0, "check_val_every_n_epoch": None, **trainer},
+        "model": {
+            "base_model": str(tiny_dir),
+            "generator": {"r": 8, "r_in": 8, "chunk_len": 4, "key_gate": True},
+            "lr": 0.01,
+            "warmup_steps": 2,
+            "decay_steps": 6,
+            "targets_per_doc": 2,
+            "rank_weight": 0.5,
+            "retrieval_weight": 0.5,
+            "gate_weight": 0.5,
+        },
+        "data": {
+            "train_files": {str(files["qa"]): 2.0, str(files["demo"]): 1.0},
+            "val_files": [str(files["qa"]), str(files["demo"])],
+            "episodes_per_batch": 2,
+            "max_questions": 2,
+            "val_episodes": 2,
+            "lm_every": 3,
+            "source": str(files["corpus"]),
+            "chunk_len": 4,
+            "max_chunks": 3,
+            "min_chunks": 2,
+            "batch_size": 2,
+            "val_percent": 0.0,
+            "rank_options": 3,
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 6,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "check_val_every_n_epoch": None,
+            **trainer,
+        },
         "checkpoint": {"save_last": True, "every_n_train_steps": 3},
-    }  # fmt: skip
+    }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -103,8 +144,13 @@ def fit(cfg_path: Path, *extra: str) -> tuple[GeneratorFinetuning, object]:
 
 
 def test_loss_is_on_answer_tokens_only(tiny_dir, episode_files, smollm2_tokenizer):
-    data = FinetuneDataModule(train_files={str(episode_files["qa"]): 1.0}, tokenizer=str(tiny_dir),
-                              episodes_per_batch=3, lm_every=0, chunk_len=4)  # fmt: skip
+    data = FinetuneDataModule(
+        train_files={str(episode_files["qa"]): 1.0},
+        tokenizer=str(tiny_dir),
+        episodes_per_batch=3,
+        lm_every=0,
+        chunk_len=4,
+    )
     batch = next(iter(data.train_dataloader()))
     episodes = [qa_episode(i) for i in range(12)]
     answers = {qa["answers"][0] for ep in episodes for qa in ep["qas"]}
@@ -126,8 +172,11 @@ def test_episode_state_equals_reading_the_context_with_read(tiny_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    ga = GenerativeAdapter.from_base(tiny_model("llama", vocab=len(tok)), GeneratorConfig(r=4, r_in=4, chunk_len=4),
-                                     tokenizer=tok)  # fmt: skip
+    ga = GenerativeAdapter.from_base(
+        tiny_model("llama", vocab=len(tok)),
+        GeneratorConfig(r=4, r_in=4, chunk_len=4),
+        tokenizer=tok,
+    )
     for block in ga.generator.blocks.values():
         torch.nn.init.normal_(block.B)
     episodes = [read_episode(qa_episode(i)) for i in range(3)]
@@ -169,7 +218,10 @@ def test_tiny_model_learns_qa_through_the_state():
         loss.backward()
         opt.step()
     held_out = [episode(random.Random(10_000 + i)) for i in range(32)]
-    swapped = [EncodedEpisode(a.chunks, b.prompts, b.answers, []) for a, b in zip(held_out, held_out[1:] + held_out[:1], strict=True)]  # fmt: skip
+    swapped = [
+        EncodedEpisode(a.chunks, b.prompts, b.answers, [])
+        for a, b in zip(held_out, held_out[1:] + held_out[:1], strict=True)
+    ]
     with torch.no_grad():
         right = answer_losses(ga, batch(held_out), with_base=True)
         wrong = answer_losses(ga, batch(swapped))["loss"].item()
@@ -299,8 +351,13 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
     batch = collate_episodes(encoded, [0, 0], chunk_len=4, pad_id=0)
     out = answer_losses(ga, batch, oracle_writes="episode", with_gate=True)
     if oracle == "row":  # (the gate figures are those of "episode": one per row-episode here)
-        out.update({k: v for k, v in answer_losses(ga, batch, oracle_writes="row").items()
-                    if not k.startswith("gate")})  # fmt: skip
+        out.update(
+            {
+                k: v
+                for k, v in answer_losses(ga, batch, oracle_writes="row").items()
+                if not k.startswith("gate")
+            }
+        )
     asked = torch.zeros_like(batch["context_mask"], dtype=torch.bool)
     for row, e in enumerate(batch["row_episode"].tolist()):
         asked[e] |= batch["answer_context"][row]
@@ -327,8 +384,12 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
                         k = gate * h[max(0, i - 1) : i + 1].mean(0) @ block.K.T
                         S[t.name] += torch.outer(k, block.V @ h[i])
         n_tokens = batch["context_mask"][e].sum().to(torch.float64)[None]
-        state = AdapterState({k: v[None] for k, v in S.items()}, n_tokens,
-                             ga.generator.fingerprint(), ga.config.to_dict())  # fmt: skip
+        state = AdapterState(
+            {k: v[None] for k, v in S.items()},
+            n_tokens,
+            ga.generator.fingerprint(),
+            ga.config.to_dict(),
+        )
         length = int(batch["attention_mask"][row].sum())
         ids, target = batch["input_ids"][row, :length], batch["loss_mask"][row, :length]
         with torch.no_grad():
@@ -363,8 +424,13 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
     with pytest.raises(ValueError, match="'episode', 'row' or None"):
         answer_losses(ga, batch, oracle_writes="all")
     with pytest.raises(ValueError, match="key_gate"):
-        answer_losses(GenerativeAdapter.from_base(model, GeneratorConfig(r=4, r_in=4, chunk_len=4),
-                                                  tokenizer=tok), batch, with_gate=True)  # fmt: skip
+        answer_losses(
+            GenerativeAdapter.from_base(
+                model, GeneratorConfig(r=4, r_in=4, chunk_len=4), tokenizer=tok
+            ),
+            batch,
+            with_gate=True,
+        )
     del batch["answer_context"]
     for flag in ({"oracle_writes": oracle}, {"with_gate": True}):
         with pytest.raises(ValueError, match="needs `answer_context`"):
@@ -387,8 +453,16 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
     loaded = GenerativeAdapter.from_pretrained(out, base_model=str(tiny_dir))
     assert loaded.generator.fingerprint() == resumed.ga.generator.fingerprint()  # last.ckpt: step 6
     # validation: answer NLL without / with the state / with the context in the prompt, per task
-    model, trainer = fit(config(tmp_path / "c", tiny_dir, episode_files, max_steps=1, limit_val_batches=1.0,
-                                val_check_interval=1))  # fmt: skip
+    model, trainer = fit(
+        config(
+            tmp_path / "c",
+            tiny_dir,
+            episode_files,
+            max_steps=1,
+            limit_val_batches=1.0,
+            val_check_interval=1,
+        )
+    )
     m = trainer.callback_metrics
     cached = trainer.validate(model, datamodule=trainer.datamodule, verbose=False)[0]
     model._references.clear()  # the frozen base's losses, kept since the first validation
@@ -419,8 +493,11 @@ def test_candidates_are_ranked_as_evaluation_ranks_options(tiny_dir):
     from genadapter.training.objectives import rank_candidates
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    ga = GenerativeAdapter.from_base(tiny_model("llama", vocab=len(tok)), GeneratorConfig(r=4, r_in=4, chunk_len=4),
-                                     tokenizer=tok)  # fmt: skip
+    ga = GenerativeAdapter.from_base(
+        tiny_model("llama", vocab=len(tok)),
+        GeneratorConfig(r=4, r_in=4, chunk_len=4),
+        tokenizer=tok,
+    )
     for block in ga.generator.blocks.values():
         torch.nn.init.normal_(block.B)
     d = qa_episode(0)
@@ -441,8 +518,10 @@ def test_candidates_are_ranked_as_evaluation_ranks_options(tiny_dir):
         out = answer_losses(ga, batch)
         plain = answer_losses(ga, batch, with_ranking=False)
         method = GenAdapterMethod(ga).adapt(episode.context_texts())
-        expected = [method.score_options(qa.question, c)
-                    for qa, c in zip(episode.qas, question_candidates(episode, 4), strict=True)]  # fmt: skip
+        expected = [
+            method.score_options(qa.question, c)
+            for qa, c in zip(episode.qas, question_candidates(episode, 4), strict=True)
+        ]
     torch.testing.assert_close(out["row_loss"], plain["row_loss"])  # candidates change nothing else
     scores = torch.tensor([s for group in expected for s in group])
     manual = -torch.stack([torch.tensor(g).log_softmax(0)[0] for g in expected]).mean()

@@ -59,18 +59,21 @@ def test_stop_and_resume_is_exact(ga):
     seen = []
     reader = StreamReader(ga, ga.new_state(), "k", batch_size=3)
     first = reader.run(
-        records(DOCS), on_commit=lambda s, st: seen.append(st.documents),
+        records(DOCS),
+        on_commit=lambda s, st: seen.append(st.documents),
         should_stop=lambda: bool(seen) and seen[-1] >= 4,
-    )  # fmt: skip
+    )
     done = source_progress(first.metadata, "k")["position"]
     assert 4 <= done < len(DOCS)
     resumed = StreamReader(ga, first, "k", start=done, batch_size=3)
     state = resumed.run(skip_records(iter(records(DOCS)), done))
     assert_close(state, reference)
     assert source_progress(state.metadata, "k") == {
-        "position": len(DOCS), "documents": len(DOCS),
-        "tokens": int(reference.n.item()), "skipped": {},
-    }  # fmt: skip
+        "position": len(DOCS),
+        "documents": len(DOCS),
+        "tokens": int(reference.n.item()),
+        "skipped": {},
+    }
 
 
 def test_long_documents_are_read_in_segments(ga):
@@ -120,8 +123,23 @@ def test_read_bad_input_is_counted_and_state_stays_valid(ga, gen_dir, tmp_path, 
     data = tmp_path / "docs.jsonl"
     data.write_bytes(b"\n".join(lines) + b"\n")
     state_path = tmp_path / "s.safetensors"
-    assert cli("read", "--generator", gen_dir, "--state", state_path, "--input", data,
-               "--format", "jsonl", "--batch-size", "2", "--quiet") == 0  # fmt: skip
+    assert (
+        cli(
+            "read",
+            "--generator",
+            gen_dir,
+            "--state",
+            state_path,
+            "--input",
+            data,
+            "--format",
+            "jsonl",
+            "--batch-size",
+            "2",
+            "--quiet",
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     for reason in ("invalid_utf8", "malformed_json", "missing_field", "empty", "binary"):
         assert f"({reason})" in err
@@ -129,8 +147,13 @@ def test_read_bad_input_is_counted_and_state_stays_valid(ga, gen_dir, tmp_path, 
     assert_close(state, read_all(ga, good))
     p = progress(state_path)
     assert (p["position"], p["documents"]) == (8, 3)
-    assert p["skipped"] == {"invalid_utf8": 1, "malformed_json": 1, "missing_field": 1,
-                            "empty": 1, "binary": 1}  # fmt: skip
+    assert p["skipped"] == {
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "empty": 1,
+        "binary": 1,
+    }
 
 
 def test_read_resume_and_rerun(ga, gen_dir, tmp_path, capsys):
@@ -157,8 +180,21 @@ def test_state_of_another_generator_is_refused(gen_dirs, tmp_path, capsys):
     a, b = gen_dirs
     data = jsonl(tmp_path / "d.jsonl", DOCS[:2])
     state_path = tmp_path / "s.safetensors"
-    assert cli("read", "--generator", a, "--state", state_path, "--input", data, "--format",
-               "jsonl", "--quiet") == 0  # fmt: skip
+    assert (
+        cli(
+            "read",
+            "--generator",
+            a,
+            "--state",
+            state_path,
+            "--input",
+            data,
+            "--format",
+            "jsonl",
+            "--quiet",
+        )
+        == 0
+    )
     before = state_path.read_bytes()
     capsys.readouterr()
     code = cli("read", "--generator", b, "--state", state_path, "--input", data, "--quiet")
@@ -175,8 +211,18 @@ def test_state_of_another_generator_is_refused(gen_dirs, tmp_path, capsys):
 def test_full_disk_keeps_old_state(gen_dir, tmp_path, monkeypatch, capsys):
     data = jsonl(tmp_path / "d.jsonl", DOCS)
     state_path = tmp_path / "s.safetensors"
-    args = ["read", "--generator", gen_dir, "--state", state_path, "--input", data,
-            "--format", "jsonl", "--quiet"]  # fmt: skip
+    args = [
+        "read",
+        "--generator",
+        gen_dir,
+        "--state",
+        state_path,
+        "--input",
+        data,
+        "--format",
+        "jsonl",
+        "--quiet",
+    ]
     assert cli(*args) == 0
     before = state_path.read_bytes()
 
@@ -230,13 +276,28 @@ def test_sigkill_during_checkpoint_then_resume(ga, gen_dir, tmp_path):
     data = jsonl(tmp_path / "d.jsonl", DOCS)
     state_path = tmp_path / "s.safetensors"
     marker = tmp_path / "hanging"
-    args = ["read", "--generator", gen_dir, "--state", state_path, "--input", data,
-            "--format", "jsonl", "--checkpoint-every", "2", "--batch-size", "1", "--quiet"]  # fmt: skip
+    args = [
+        "read",
+        "--generator",
+        gen_dir,
+        "--state",
+        state_path,
+        "--input",
+        data,
+        "--format",
+        "jsonl",
+        "--checkpoint-every",
+        "2",
+        "--batch-size",
+        "1",
+        "--quiet",
+    ]
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_DRIVER, *map(str, args)],
         env={**env(), "HANG_ON_SAVE": "3", "HANG_MARKER": str(marker)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_for(marker.exists, proc=proc)  # the third checkpoint (6 documents) is mid-write
         proc.send_signal(signal.SIGKILL)
@@ -257,11 +318,30 @@ def test_sigkill_during_checkpoint_then_resume(ga, gen_dir, tmp_path):
 def test_stdin_is_read_as_it_arrives_and_sigterm_saves(ga, gen_dir, tmp_path):
     state_path = tmp_path / "s.safetensors"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genadapter.cli", "read", "--generator", str(gen_dir),
-         "--state", str(state_path), "--input", "-", "--format", "jsonl",
-         "--checkpoint-every", "1", "--batch-size", "4", "--quiet"],
-        env=env(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "genadapter.cli",
+            "read",
+            "--generator",
+            str(gen_dir),
+            "--state",
+            str(state_path),
+            "--input",
+            "-",
+            "--format",
+            "jsonl",
+            "--checkpoint-every",
+            "1",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ],
+        env=env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     def position() -> int:
         try:
@@ -293,8 +373,21 @@ def test_merge_states(ga, gen_dirs, tmp_path, capsys):
     paths = []
     for i, (gen, docs) in enumerate([(a, DOCS[:3]), (a, DOCS[3:]), (b, DOCS[:1])]):
         paths.append(tmp_path / f"s{i}.safetensors")
-        assert cli("read", "--generator", gen, "--state", paths[-1], "--input",
-                   jsonl(tmp_path / f"d{i}.jsonl", docs), "--format", "jsonl", "--quiet") == 0  # fmt: skip
+        assert (
+            cli(
+                "read",
+                "--generator",
+                gen,
+                "--state",
+                paths[-1],
+                "--input",
+                jsonl(tmp_path / f"d{i}.jsonl", docs),
+                "--format",
+                "jsonl",
+                "--quiet",
+            )
+            == 0
+        )
     out = tmp_path / "merged.safetensors"
     assert cli("merge-states", paths[0], paths[1], "-o", out) == 0
     merged = AdapterState.load(out)
@@ -311,15 +404,39 @@ def test_merge_states(ga, gen_dirs, tmp_path, capsys):
 def test_export_lora_ask_and_chat(ga, gen_dir, tmp_path, capsys):
     state_path = tmp_path / "s.safetensors"
     data = jsonl(tmp_path / "d.jsonl", DOCS[:3])
-    assert cli("read", "--generator", gen_dir, "--state", state_path, "--input", data,
-               "--format", "jsonl", "--quiet") == 0  # fmt: skip
+    assert (
+        cli(
+            "read",
+            "--generator",
+            gen_dir,
+            "--state",
+            state_path,
+            "--input",
+            data,
+            "--format",
+            "jsonl",
+            "--quiet",
+        )
+        == 0
+    )
     out = tmp_path / "lora"
     assert cli("export-lora", "--generator", gen_dir, "--state", state_path, "-o", out) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == ga.config.r and (out / "adapter_model.safetensors").is_file()
     capsys.readouterr()
-    assert cli("ask", "--generator", gen_dir, "--state", state_path, "Where is the tower?",
-               "--max-new-tokens", "4") == 0  # fmt: skip
+    assert (
+        cli(
+            "ask",
+            "--generator",
+            gen_dir,
+            "--state",
+            state_path,
+            "Where is the tower?",
+            "--max-new-tokens",
+            "4",
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     state = AdapterState.load(state_path)
     expected = ga.generate("Where is the tower?", state=state, max_new_tokens=4, chat=True)
@@ -338,8 +455,11 @@ def test_chat_loop_multi_turn_reset_and_quit(ga, tmp_path):
     assert text.count("assistant> ") == 3 and "(conversation reset)" in text
     assert "(state: " in text
     # multi-turn: the second prompt holds the first exchange; a tight budget drops it
-    messages = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "reply"},
-                {"role": "user", "content": "second"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "reply"},
+        {"role": "user", "content": "second"},
+    ]
     full = ga.tokenizer.decode(prompt_ids(ga.tokenizer, messages, 10_000)[0])
     assert "first" in full and "reply" in full and "second" in full
     short_ids = prompt_ids(

@@ -45,9 +45,17 @@ def test_bad_records_are_classified_and_stream_goes_on():
     ]
     records = list(jsonl_records(io.BytesIO(b"\n".join(lines) + b"\n")))
     assert reasons(records) == [
-        "good one", "invalid_utf8", "malformed_json", "missing_field", "missing_field", "empty",
-        "malformed_json", "binary", "empty", "good two",
-    ]  # fmt: skip
+        "good one",
+        "invalid_utf8",
+        "malformed_json",
+        "missing_field",
+        "missing_field",
+        "empty",
+        "malformed_json",
+        "binary",
+        "empty",
+        "good two",
+    ]
     assert [r.index for r in records] == list(range(10))
     assert all(r.detail for r in records if not r.ok)
 
@@ -99,8 +107,11 @@ def test_metadata_bookkeeping_and_merge():
     b = with_progress(b, "other", {"position": 2, "documents": 2, "tokens": 9, "skipped": {}})
     merged = merge_metadata([a, b])
     assert source_progress(merged, "k") == {
-        "position": 5, "documents": 7, "tokens": 70, "skipped": {"empty": 1, "binary": 2}
-    }  # fmt: skip
+        "position": 5,
+        "documents": 7,
+        "tokens": 70,
+        "skipped": {"empty": 1, "binary": 2},
+    }
     assert source_progress(merged, "other")["documents"] == 2
     assert source_progress(merged, "never")["position"] == 0
     assert source_progress(a, "k")["documents"] == 4  # inputs untouched
@@ -131,6 +142,8 @@ def test_dataset_source_skips_through_the_library(monkeypatch):
     source = open_source(dataset="org/corpus", split="train", skip=1)
     assert source.key == "dataset:org/corpus:train"
     assert [(r.index, r.text, r.reason) for r in source.records] == [
-        (1, None, "empty"), (2, None, "missing_field"), (3, "d", None)
-    ]  # fmt: skip
+        (1, None, "empty"),
+        (2, None, "missing_field"),
+        (3, "d", None),
+    ]
     assert calls == [("org/corpus", None, "train", True)]

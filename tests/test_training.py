@@ -48,7 +48,7 @@ def config(tmp_path: Path, tiny_dir: Path, corpus: Path, **over) -> dict:
             "lr": 0.01,
             "warmup_steps": 2,
             "targets_per_doc": 3,
-        },  # fmt: skip
+        },
         "data": {
             "source": str(corpus),
             "chunk_len": 4,
@@ -58,7 +58,7 @@ def config(tmp_path: Path, tiny_dir: Path, corpus: Path, **over) -> dict:
             "val_documents": 4,
             "val_batch_size": 2,
             "val_percent": 30.0,
-        },  # fmt: skip
+        },
         "trainer": {
             "accelerator": "cpu",
             "devices": 1,
@@ -69,7 +69,7 @@ def config(tmp_path: Path, tiny_dir: Path, corpus: Path, **over) -> dict:
             "num_sanity_val_steps": 0,
             "limit_val_batches": 0,
             "check_val_every_n_epoch": None,
-        },  # fmt: skip
+        },
         "checkpoint": {"save_last": True, "every_n_train_steps": 2, "save_top_k": -1},
     }
     for key, value in over.items():
@@ -109,9 +109,19 @@ def test_only_generator_learns_and_base_is_unchanged(tmp_path, tiny_dir, corpus_
 
 
 def test_reconstruction_learns_a_memorisable_corpus(tmp_path, tiny_dir, corpus_file):
-    cfg = config(tmp_path, tiny_dir, corpus_file, trainer__max_steps=50, trainer__limit_val_batches=1.0,
-                 trainer__val_check_interval=50, model__completion_weight=0.0, data__val_source=str(corpus_file), model__lr=0.02, model__min_lr_ratio=1.0,
-                 model__generator={"r": 16, "r_in": 16, "chunk_len": 4})  # fmt: skip
+    cfg = config(
+        tmp_path,
+        tiny_dir,
+        corpus_file,
+        trainer__max_steps=50,
+        trainer__limit_val_batches=1.0,
+        trainer__val_check_interval=50,
+        model__completion_weight=0.0,
+        data__val_source=str(corpus_file),
+        model__lr=0.02,
+        model__min_lr_ratio=1.0,
+        model__generator={"r": 16, "r_in": 16, "chunk_len": 4},
+    )
     model, trainer = fit(cfg)
     m = trainer.callback_metrics
     base, adapted = (
@@ -146,8 +156,16 @@ def test_resume_is_exact_and_checkpoints_hold_only_the_generator(tmp_path, tiny_
     straight, _ = fit(
         config(tmp_path / "a", tiny_dir, corpus_file, trainer__max_steps=6, model__decay_steps=6)
     )
-    first, _ = fit(config(tmp_path / "b", tiny_dir, corpus_file, trainer__max_steps=3, model__decay_steps=6,
-                          checkpoint={"save_last": True, "every_n_train_steps": 3}))  # fmt: skip
+    first, _ = fit(
+        config(
+            tmp_path / "b",
+            tiny_dir,
+            corpus_file,
+            trainer__max_steps=3,
+            model__decay_steps=6,
+            checkpoint={"save_last": True, "every_n_train_steps": 3},
+        )
+    )
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "last.ckpt"
     stored = SafetensorsCheckpointIO().load_checkpoint(ckpt)
     assert set(stored["state_dict"]) == set(first.ga.generator_state_dict())  # no frozen LM inside
@@ -176,10 +194,20 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_dir):
         for i in range(60)
     ]
     distinct.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = config(tmp_path, tiny_dir, distinct, trainer__devices=2, trainer__strategy="ddp",
-                 trainer__max_steps=3)  # fmt: skip
-    env = {**os.environ, "GENADAPTER_AUDIT_DIR": str(tmp_path / "audit"), "OMP_NUM_THREADS": "1",
-           "PL_DISABLE_FORK": "1"}  # fmt: skip
+    cfg = config(
+        tmp_path,
+        tiny_dir,
+        distinct,
+        trainer__devices=2,
+        trainer__strategy="ddp",
+        trainer__max_steps=3,
+    )
+    env = {
+        **os.environ,
+        "GENADAPTER_AUDIT_DIR": str(tmp_path / "audit"),
+        "OMP_NUM_THREADS": "1",
+        "PL_DISABLE_FORK": "1",
+    }
     cmd = [sys.executable, "-m", "genadapter.cli", "pretrain", "--config", str(cfg)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -25,8 +25,10 @@ import yaml
 from genadapter.assets import load_base_model
 from genadapter.eval.harness import EvalConfig, build_methods, load_episodes
 
-CONFIGS = {task: common.ROOT / f"experiments/eval/headline_{task.replace('-', '_')}.yaml"
-           for task in ("facts", "persona", "wiki-topic")}  # fmt: skip
+CONFIGS = {
+    task: common.ROOT / f"experiments/eval/headline_{task.replace('-', '_')}.yaml"
+    for task in ("facts", "persona", "wiki-topic")
+}
 METHODS = ["genadapter:instruct", "ttt-lora", "ttt-bitfit"]
 TARGET = 20.0
 
@@ -75,37 +77,68 @@ def main() -> int:
             )
             times = common.interleaved(calls, reps, warmup=0 if rows else 1)  # warm once
             med = {name: common.median(t["total"]) for name, t in times.items()}
-            row = {"source": Path(source).stem, "episode": ep.id, "context_tokens": tokens,
-                   "seconds": med, "state_max_rel_diff": same,
-                   "ttt_lora_over_genadapter": med["ttt-lora"] / med["genadapter:instruct"],
-                   "ttt_lora_over_stream": med["ttt-lora"] / med["genadapter (stream)"],
-                   "spread": {n: common.spread(t["total"]) for n, t in times.items()}}  # fmt: skip
+            row = {
+                "source": Path(source).stem,
+                "episode": ep.id,
+                "context_tokens": tokens,
+                "seconds": med,
+                "state_max_rel_diff": same,
+                "ttt_lora_over_genadapter": med["ttt-lora"] / med["genadapter:instruct"],
+                "ttt_lora_over_stream": med["ttt-lora"] / med["genadapter (stream)"],
+                "spread": {n: common.spread(t["total"]) for n, t in times.items()},
+            }
             rows.append(row)
-            print(f"{row['source']} {tokens} tokens: " + ", ".join(f"{n} {s:.2f} s" for n, s in med.items())
-                  + f"; ttt-lora / genadapter {row['ttt_lora_over_genadapter']:.1f}x"
-                  f" (stream {row['ttt_lora_over_stream']:.1f}x), states differ by {same:.1e} (relative)", flush=True)  # fmt: skip
+            print(
+                f"{row['source']} {tokens} tokens: "
+                + ", ".join(f"{n} {s:.2f} s" for n, s in med.items())
+                + f"; ttt-lora / genadapter {row['ttt_lora_over_genadapter']:.1f}x"
+                f" (stream {row['ttt_lora_over_stream']:.1f}x), states differ by {same:.1e} (relative)",
+                flush=True,
+            )
     ratio = common.median([r["ttt_lora_over_genadapter"] for r in rows])
     stem = "adapt_speed" if args.task == "facts" else f"adapt_speed_{args.task.replace('-', '_')}"
     result = common.header(stem, env, ga, reps)
-    result.update(task=args.task, generator=config.generators["instruct"], rows=rows, median_ratio=ratio,
-                  target=TARGET, verdict=common.verdict(ratio, TARGET))  # fmt: skip
+    result.update(
+        task=args.task,
+        generator=config.generators["instruct"],
+        rows=rows,
+        median_ratio=ratio,
+        target=TARGET,
+        verdict=common.verdict(ratio, TARGET),
+    )
     table = common.md_table(
         ["file", "context tokens", *calls, "ttt-lora / genadapter", "ttt-lora / stream"],
-        [[r["source"], r["context_tokens"], *(f"{s:.2f}" for s in r["seconds"].values()),
-          f"{r['ttt_lora_over_genadapter']:.1f}x", f"{r['ttt_lora_over_stream']:.1f}x"] for r in rows],
-    )  # fmt: skip
-    md = (f"# Adaptation time (seconds, median of {reps} interleaved rounds)\n\n{table}\n\n"
-          f"Median ttt-lora / genadapter: **{ratio:.1f}x** (target ≥ {TARGET:.0f}x: "
-          f"{result['verdict']}).\n")  # fmt: skip
+        [
+            [
+                r["source"],
+                r["context_tokens"],
+                *(f"{s:.2f}" for s in r["seconds"].values()),
+                f"{r['ttt_lora_over_genadapter']:.1f}x",
+                f"{r['ttt_lora_over_stream']:.1f}x",
+            ]
+            for r in rows
+        ],
+    )
+    md = (
+        f"# Adaptation time (seconds, median of {reps} interleaved rounds)\n\n{table}\n\n"
+        f"Median ttt-lora / genadapter: **{ratio:.1f}x** (target ≥ {TARGET:.0f}x: "
+        f"{result['verdict']}).\n"
+    )
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(rows[0]["seconds"])
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        ax.bar([j + i * width for j in range(len(rows))], [r["seconds"][name] for r in rows],
-               width, label=name)  # fmt: skip
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
-                  [f"{r['context_tokens']} tok" for r in rows])  # fmt: skip
+        ax.bar(
+            [j + i * width for j in range(len(rows))],
+            [r["seconds"][name] for r in rows],
+            width,
+            label=name,
+        )
+    ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(rows))],
+        [f"{r['context_tokens']} tok" for r in rows],
+    )
     ax.set_yscale("log")
     ax.set_ylabel("adapt seconds (log)")
     ax.legend(fontsize=8)

@@ -66,18 +66,28 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     except (OSError, AttributeError):
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
         "mode": "quick" if args.quick else "full",
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0], "torch": torch.__version__,
-        "transformers": _version("transformers"), "commit": commit,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]),
-    }  # fmt: skip
+        "command": "python "
+        + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]),
+    }
 
 
 def _version(package: str) -> str:
@@ -274,9 +284,16 @@ def write(name: str, out: Path, result: dict[str, Any], markdown: str, figure) -
 
 def header(name: str, env: dict[str, Any], ga, reps: int) -> dict[str, Any]:
     """The fields every result JSON opens with: what ran, on what, how often."""
-    return {"benchmark": name, "environment": env, "model": ga.config.base_model,
-            "generator": str(GENERATOR.relative_to(ROOT)), "adapted_layers": ga.generator.layers,
-            "targets": len(ga.generator.targets), "rounds": reps, "warmup": 1}  # fmt: skip
+    return {
+        "benchmark": name,
+        "environment": env,
+        "model": ga.config.base_model,
+        "generator": str(GENERATOR.relative_to(ROOT)),
+        "adapted_layers": ga.generator.layers,
+        "targets": len(ga.generator.targets),
+        "rounds": reps,
+        "warmup": 1,
+    }
 
 
 def grouped_bars(rows: list[dict], keys: list[str], ratio_key: str, labels: list[str], **axis):
@@ -288,8 +305,13 @@ def grouped_bars(rows: list[dict], keys: list[str], ratio_key: str, labels: list
         xs = [j + (i - 1) * width for j in range(len(rows))]
         ax.bar(xs, [r["tokens_per_s"][key] for r in rows], width, label=key)
     for j, r in enumerate(rows):
-        ax.annotate(f"{r[ratio_key]:.2f}×", (j - width, r["tokens_per_s"][keys[0]]),
-                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"{r[ratio_key]:.2f}×",
+            (j - width, r["tokens_per_s"][keys[0]]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(range(len(rows)), labels)
     ax.set(**axis)
     ax.legend(fontsize=8)

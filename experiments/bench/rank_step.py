@@ -60,9 +60,16 @@ def main() -> int:
     reps = args.reps or 3
     ga = GenerativeAdapter.from_pretrained(GENERATOR)
     ga.train()
-    data = FinetuneDataModule(train_files={str(FACTS): 1.0}, tokenizer=ga.config.base_model,
-                              episodes_per_batch=4, max_questions=4, max_context_chunks=24,
-                              rank_options=4, lm_every=0, chunk_len=32)  # fmt: skip
+    data = FinetuneDataModule(
+        train_files={str(FACTS): 1.0},
+        tokenizer=ga.config.base_model,
+        episodes_per_batch=4,
+        max_questions=4,
+        max_context_chunks=24,
+        rank_options=4,
+        lm_every=0,
+        chunk_len=32,
+    )
     batches = list(itertools.islice(iter(data.train_dataloader()), 2 if args.quick else 3))
 
     def run(fn):
@@ -95,21 +102,27 @@ def main() -> int:
     rows = [[k, f"{v:.2f}", f"{v / med['no ranking']:.2f}"] for k, v in med.items()]
     print(rows, flush=True)
     result = {
-        **common.header("rank_step", env, ga, reps), "generator": str(GENERATOR.relative_to(common.ROOT)),
-        "batches": len(batches), "seconds_per_step": med, "shared_over_none": round(ratio_shared, 3),
-        "full_over_none": round(ratio_full, 3), "max_score_difference": max(diffs),
+        **common.header("rank_step", env, ga, reps),
+        "generator": str(GENERATOR.relative_to(common.ROOT)),
+        "batches": len(batches),
+        "seconds_per_step": med,
+        "shared_over_none": round(ratio_shared, 3),
+        "full_over_none": round(ratio_full, 3),
+        "max_score_difference": max(diffs),
         "candidate_rows_per_batch": [len(b["cand_row"]) for b in batches],
         "answer_rows_per_batch": [len(b["row_episode"]) for b in batches],
-    }  # fmt: skip
-    markdown = "\n\n".join([
-        "## Instruction-tuning step with candidate ranking (seconds per step, forward + backward, median)",
-        common.md_table(["variant", "s / step", "over no ranking"], rows),
-        f"{len(batches)} `facts` training batches of 4 episodes, {result['answer_rows_per_batch']} questions "
-        f"and {result['candidate_rows_per_batch']} candidate rows; generator `{result['generator']}` "
-        f"(adapters in {len(ga.generator.layers)} layers). Largest candidate-score difference between the "
-        f"shared-prompt and the full-row computation: {result['max_score_difference']:.2e} nats/token. "
-        f"{reps} interleaved rounds after 1 warm-up.",
-    ])  # fmt: skip
+    }
+    markdown = "\n\n".join(
+        [
+            "## Instruction-tuning step with candidate ranking (seconds per step, forward + backward, median)",
+            common.md_table(["variant", "s / step", "over no ranking"], rows),
+            f"{len(batches)} `facts` training batches of 4 episodes, {result['answer_rows_per_batch']} questions "
+            f"and {result['candidate_rows_per_batch']} candidate rows; generator `{result['generator']}` "
+            f"(adapters in {len(ga.generator.layers)} layers). Largest candidate-score difference between the "
+            f"shared-prompt and the full-row computation: {result['max_score_difference']:.2e} nats/token. "
+            f"{reps} interleaved rounds after 1 warm-up.",
+        ]
+    )
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.bar(list(med), list(med.values()), color=["grey", "tab:blue", "tab:orange", "tab:green"])

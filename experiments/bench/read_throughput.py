@@ -55,40 +55,69 @@ def main() -> int:
             times, tps = common.throughput(methods, reps, tokens, prof)
             ratio = tps["read"] / tps["forward"]
             row = {
-                "chunk_len": length, "batch": batch, "tokens": tokens,
+                "chunk_len": length,
+                "batch": batch,
+                "tokens": tokens,
                 "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
                 "seconds": {k: v["total"] for k, v in times.items()},
                 "read_over_forward": round(ratio, 3),
                 "read_over_forward_with_head": round(tps["read"] / tps["forward+head"], 3),
                 "verdict": common.verdict(ratio, 0.95),
-            }  # fmt: skip
+            }
             rows.append(row)
-            table.append([length, batch, f"{tps['read']:,.0f}", f"{tps['forward']:,.0f}",
-                          f"{tps['forward+head']:,.0f}", f"{ratio:.3f}", row["verdict"]])  # fmt: skip
+            table.append(
+                [
+                    length,
+                    batch,
+                    f"{tps['read']:,.0f}",
+                    f"{tps['forward']:,.0f}",
+                    f"{tps['forward+head']:,.0f}",
+                    f"{ratio:.3f}",
+                    row["verdict"],
+                ]
+            )
             print(table[-1], flush=True)
 
     worst = min(r["read_over_forward"] for r in rows)
     result = {
         **common.header("read_throughput", env, ga, reps),
         "baseline": "no-grad decoder body (all layers + final norm, no LM head) over the same "
-                    "chunks and attention mask; 'forward+head' adds the LM head (logits of every position)",
-        "target": "read >= 0.95x forward", "worst_ratio": worst,
-        "verdict": common.verdict(worst, 0.95), "rows": rows,
-    }  # fmt: skip
-    markdown = "\n\n".join([
-        "## Read throughput (tokens/s, median)",
-        common.md_table(["chunk", "batch", "read", "forward (no head)", "forward + LM head",
-                         "read / forward", "target ≥ 0.95"], table),  # fmt: skip
-        f"Worst ratio {worst:.3f}: **{result['verdict']}**. Baseline: {result['baseline']}. "
-        f"Generator: {len(ga.generator.targets)} targets in layers {ga.generator.layers[0]}–"
-        f"{ga.generator.layers[-1]}; {reps} interleaved rounds after 1 warm-up.",
-    ])  # fmt: skip
+        "chunks and attention mask; 'forward+head' adds the LM head (logits of every position)",
+        "target": "read >= 0.95x forward",
+        "worst_ratio": worst,
+        "verdict": common.verdict(worst, 0.95),
+        "rows": rows,
+    }
+    markdown = "\n\n".join(
+        [
+            "## Read throughput (tokens/s, median)",
+            common.md_table(
+                [
+                    "chunk",
+                    "batch",
+                    "read",
+                    "forward (no head)",
+                    "forward + LM head",
+                    "read / forward",
+                    "target ≥ 0.95",
+                ],
+                table,
+            ),
+            f"Worst ratio {worst:.3f}: **{result['verdict']}**. Baseline: {result['baseline']}. "
+            f"Generator: {len(ga.generator.targets)} targets in layers {ga.generator.layers[0]}–"
+            f"{ga.generator.layers[-1]}; {reps} interleaved rounds after 1 warm-up.",
+        ]
+    )
 
     fig = common.grouped_bars(
-        rows, ["read", "forward", "forward+head"], "read_over_forward",
-        [f"{r['chunk_len']}×{r['batch']}" for r in rows], xlabel="chunk length × chunks per forward",
-        ylabel="tokens / s", title="read vs plain no-grad forward (SmolLM2-135M, CPU)",
-    )  # fmt: skip
+        rows,
+        ["read", "forward", "forward+head"],
+        "read_over_forward",
+        [f"{r['chunk_len']}×{r['batch']}" for r in rows],
+        xlabel="chunk length × chunks per forward",
+        ylabel="tokens / s",
+        title="read vs plain no-grad forward (SmolLM2-135M, CPU)",
+    )
     common.write("read_throughput", args.out, result, markdown, fig)
     return 0
 

@@ -26,19 +26,38 @@ def targets(out: Path) -> list[list[str]]:
     rows = []
     read = json.loads((out / "read_throughput.json").read_text())
     for r in read["rows"]:
-        rows.append(["read", f"read / forward, chunk {r['chunk_len']} × batch {r['batch']} (≥ 0.95)",
-                     f"{r['read_over_forward']:.3f}", r["verdict"]])  # fmt: skip
+        rows.append(
+            [
+                "read",
+                f"read / forward, chunk {r['chunk_len']} × batch {r['batch']} (≥ 0.95)",
+                f"{r['read_over_forward']:.3f}",
+                r["verdict"],
+            ]
+        )
     answer = json.loads((out / "answer_latency.json").read_text())
     for t in answer["targets"]:
         value = f"{t['value']:.4g}" if t["value"] is not None else "n/a"
         rows.append(["answer", f"{t['figure']} ({t['target']})", value, t["verdict"]])
     train = json.loads((out / "train_step.json").read_text())
     for r in train["rows"]:
-        rows.append(["train", f"step / plain fwd+bwd, {r['documents']}×{r['chunks_per_doc']}×"
-                     f"{r['chunk_len']} (≥ 0.7)", f"{r['step_over_plain']:.3f}", r["verdict"]])  # fmt: skip
+        rows.append(
+            [
+                "train",
+                f"step / plain fwd+bwd, {r['documents']}×{r['chunks_per_doc']}×"
+                f"{r['chunk_len']} (≥ 0.7)",
+                f"{r['step_over_plain']:.3f}",
+                r["verdict"],
+            ]
+        )
     adapt = json.loads((out / "adapt_speed.json").read_text())
-    rows.append(["adapt", "ttt-lora / genadapter adapt time, headline episodes, median (≥ 20)",
-                 f"{adapt['median_ratio']:.1f}", adapt["verdict"]])  # fmt: skip
+    rows.append(
+        [
+            "adapt",
+            "ttt-lora / genadapter adapt time, headline episodes, median (≥ 20)",
+            f"{adapt['median_ratio']:.1f}",
+            adapt["verdict"],
+        ]
+    )
     return rows
 
 
@@ -54,10 +73,15 @@ def main() -> int:
     table = ["| benchmark | figure | value | |", "|---|---|---|---|"]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     passed = sum(r[3] == "PASS" for r in rows)
-    text = (f"## Performance targets ({'quick' if quick else 'full'} mode)\n\n" + "\n".join(table)
-            + f"\n\n{passed} of {sum(r[3] != 'n/a' for r in rows)} measured targets hold. Details: "
-            + ", ".join(f"[{n}]({n}.md)" for n in SCRIPTS) + ". Regenerate: `python "
-            + " ".join(["experiments/bench/run_all.py", *args]) + "`.\n")  # fmt: skip
+    text = (
+        f"## Performance targets ({'quick' if quick else 'full'} mode)\n\n"
+        + "\n".join(table)
+        + f"\n\n{passed} of {sum(r[3] != 'n/a' for r in rows)} measured targets hold. Details: "
+        + ", ".join(f"[{n}]({n}.md)" for n in SCRIPTS)
+        + ". Regenerate: `python "
+        + " ".join(["experiments/bench/run_all.py", *args])
+        + "`.\n"
+    )
     (out / "summary.md").write_text(text)
     readme = README.read_text()
     if not quick and START in readme and END in readme:  # the README block: the last full run

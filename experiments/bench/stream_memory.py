@@ -54,9 +54,15 @@ def build(smollm2: bool) -> GenerativeAdapter:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     _, tokenizer = load_base_model(DEFAULT_MODEL)  # only its tokenizer: a real vocabulary
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     return GenerativeAdapter.from_base(model, GeneratorConfig(), tokenizer=tokenizer)
 
@@ -95,11 +101,13 @@ def main() -> int:
             while marks and stats.tokens >= marks[0]:
                 mark = marks.pop(0)
                 figures[f"{mark:,}"] = {
-                    "tokens": stats.tokens, "documents": stats.documents,
-                    "rss_mib": round(rss(), 1), "peak_rss_mib": round(peak_rss(), 1),
+                    "tokens": stats.tokens,
+                    "documents": stats.documents,
+                    "rss_mib": round(rss(), 1),
+                    "peak_rss_mib": round(peak_rss(), 1),
                     "seconds": round(time.perf_counter() - start, 1),
                     "tokens_per_s": round(stats.tokens_per_s),
-                }  # fmt: skip
+                }
                 print(f"{mark:>9,} tokens: {figures[f'{mark:,}']}", flush=True)
 
         reader = StreamReader(ga, ga.new_state(), "bench", batch_size=args.batch_size)
@@ -110,14 +118,22 @@ def main() -> int:
     result = {
         "model": DEFAULT_MODEL if args.smollm2 else "tiny random llama (hidden 32, 3 layers)",
         "generator": {k: v for k, v in ga.config.to_dict().items() if k != "extra"},
-        "state_bytes": state.nbytes, "checkpoints_written": checkpoints,
-        "batch_size": args.batch_size, "threads": args.threads,
-        "after_model_load": loaded, "at": figures,
-        "peak_growth_mib_first_to_last": round(rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"], 1),
-        "python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
-        "command": "python experiments/bench/stream_memory.py" + (" --smollm2" if args.smollm2 else "")
+        "state_bytes": state.nbytes,
+        "checkpoints_written": checkpoints,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "after_model_load": loaded,
+        "at": figures,
+        "peak_growth_mib_first_to_last": round(
+            rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"], 1
+        ),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "command": "python experiments/bench/stream_memory.py"
+        + (" --smollm2" if args.smollm2 else "")
         + (f" --tokens {args.tokens}" if args.tokens else ""),
-    }  # fmt: skip
+    }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     existing["smollm2" if args.smollm2 else "tiny"] = result

@@ -49,8 +49,14 @@ def main() -> int:
 
         def step(ids=ids, mask=mask, per_doc=per_doc, rows_adapted=rows_adapted):
             opt.zero_grad(set_to_none=True)
-            out = pretrain_losses(ga, ids, mask, per_doc=per_doc, completion_weight=0.5,
-                                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+            out = pretrain_losses(
+                ga,
+                ids,
+                mask,
+                per_doc=per_doc,
+                completion_weight=0.5,
+                generator=torch.Generator().manual_seed(0),
+            )
             out["loss"].backward()
             opt.step()
             rows_adapted["n"] = int(sum(v for k, v in out.items() if k.endswith("/tokens")))
@@ -69,48 +75,80 @@ def main() -> int:
         times, tps = common.throughput(methods, reps, tokens, prof)
         ratio = tps["pretraining step"] / tps["forward+backward"]
         row = {
-            "chunk_len": C, "chunks_per_doc": T, "documents": D, "targets_per_doc": per_doc,
-            "context_tokens": tokens, "adapted_target_tokens_scored": rows_adapted["n"],
+            "chunk_len": C,
+            "chunks_per_doc": T,
+            "documents": D,
+            "targets_per_doc": per_doc,
+            "context_tokens": tokens,
+            "adapted_target_tokens_scored": rows_adapted["n"],
             "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
             "seconds": {k: v["total"] for k, v in times.items()},
-            "step_over_plain": round(ratio, 3), "verdict": common.verdict(ratio, 0.7),
-        }  # fmt: skip
+            "step_over_plain": round(ratio, 3),
+            "verdict": common.verdict(ratio, 0.7),
+        }
         rows.append(row)
         med = {k: common.median(v["total"]) for k, v in times.items()}
-        table.append([f"{D}×{T}×{C}", tokens, f"{tps['pretraining step']:,.0f}",
-                      f"{tps['forward+backward']:,.0f}", f"{ratio:.2f}", row["verdict"],
-                      f"{med['pretraining step']:.2f}", f"{med['frozen pass']:.2f}",
-                      f"{med['forward+backward']:.2f}"])  # fmt: skip
+        table.append(
+            [
+                f"{D}×{T}×{C}",
+                tokens,
+                f"{tps['pretraining step']:,.0f}",
+                f"{tps['forward+backward']:,.0f}",
+                f"{ratio:.2f}",
+                row["verdict"],
+                f"{med['pretraining step']:.2f}",
+                f"{med['frozen pass']:.2f}",
+                f"{med['forward+backward']:.2f}",
+            ]
+        )
         print(table[-1], flush=True)
 
     worst = min(r["step_over_plain"] for r in rows)
     result = {
-        **common.header("train_step", env, ga, reps), "worst_ratio": worst, "verdict": common.verdict(worst, 0.7),
+        **common.header("train_step", env, ga, reps),
+        "worst_ratio": worst,
+        "verdict": common.verdict(worst, 0.7),
         "counted": "context tokens of the batch (documents x chunks x chunk_len), the same for both",
         "pretraining_step": "pretrain_losses (completion_weight 0.5) + backward + AdamW step, no Lightning",
         "baseline": "frozen LM incl. LM head over the same chunks, next-token loss, backward to the "
-                    "input embeddings (activation gradients through every layer, no weight grads)",
+        "input embeddings (activation gradients through every layer, no weight grads)",
         "rows": rows,
-    }  # fmt: skip
-    markdown = "\n\n".join([
-        "## Training throughput (context tokens/s, median)",
-        common.md_table(["batch D×T×C", "tokens", "pretraining step", "plain fwd+bwd",
-                         "step / plain", "target ≥ 0.7", "step (s)", "of which frozen pass (s)",
-                         "plain fwd+bwd (s)"], table),  # fmt: skip
-        f"Worst ratio {worst:.2f}: **{result['verdict']}**. Counted: {result['counted']}. "
-        f"Pretraining step: {result['pretraining_step']}; its adapted pass runs "
-        f"{2 * COMMITTED[3]} target chunks per document (completion + reconstruction) with "
-        f"adapters in layers {ga.generator.layers[0]}–{ga.generator.layers[-1]}, so its backward "
-        f"stops at layer {ga.generator.layers[0]}. Plain: {result['baseline']}. "
-        f"{reps} interleaved rounds after 1 warm-up.",
-    ])  # fmt: skip
+    }
+    markdown = "\n\n".join(
+        [
+            "## Training throughput (context tokens/s, median)",
+            common.md_table(
+                [
+                    "batch D×T×C",
+                    "tokens",
+                    "pretraining step",
+                    "plain fwd+bwd",
+                    "step / plain",
+                    "target ≥ 0.7",
+                    "step (s)",
+                    "of which frozen pass (s)",
+                    "plain fwd+bwd (s)",
+                ],
+                table,
+            ),
+            f"Worst ratio {worst:.2f}: **{result['verdict']}**. Counted: {result['counted']}. "
+            f"Pretraining step: {result['pretraining_step']}; its adapted pass runs "
+            f"{2 * COMMITTED[3]} target chunks per document (completion + reconstruction) with "
+            f"adapters in layers {ga.generator.layers[0]}–{ga.generator.layers[-1]}, so its backward "
+            f"stops at layer {ga.generator.layers[0]}. Plain: {result['baseline']}. "
+            f"{reps} interleaved rounds after 1 warm-up.",
+        ]
+    )
 
     fig = common.grouped_bars(
-        rows, ["pretraining step", "forward+backward", "frozen pass"], "step_over_plain",
+        rows,
+        ["pretraining step", "forward+backward", "frozen pass"],
+        "step_over_plain",
         [f"{r['documents']}×{r['chunks_per_doc']}×{r['chunk_len']}" for r in rows],
-        xlabel="batch: documents × chunks × chunk length", ylabel="context tokens / s",
+        xlabel="batch: documents × chunks × chunk length",
+        ylabel="context tokens / s",
         title="pretraining step vs plain forward+backward (SmolLM2-135M, CPU)",
-    )  # fmt: skip
+    )
     common.write("train_step", args.out, result, markdown, fig)
     return 0
 

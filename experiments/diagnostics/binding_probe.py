@@ -185,9 +185,15 @@ def run_fit(train, val, qi, ki, li, n, rank: int = RANK, earlier: list[dict] = (
     if done := next((f for f in earlier if key.items() <= {"rank": RANK, **f}.items()), None):
         return {**key, **done}
     U, V = fit(*select(train, qi, ki, li, n), rank=rank)
-    row = {"query": QUERIES[qi], "key": KEYS[ki], "layer": LAYERS[li], "rank": rank,
-           "train_questions": n, "train_accuracy": round(accuracy(U, V, *select(train, qi, ki, li, n)), 3),
-           "val_accuracy": round(accuracy(U, V, *select(val, qi, ki, li)), 3)}  # fmt: skip
+    row = {
+        "query": QUERIES[qi],
+        "key": KEYS[ki],
+        "layer": LAYERS[li],
+        "rank": rank,
+        "train_questions": n,
+        "train_accuracy": round(accuracy(U, V, *select(train, qi, ki, li, n)), 3),
+        "val_accuracy": round(accuracy(U, V, *select(val, qi, ki, li)), 3),
+    }
     tqdm.write(str(row))
     return row
 
@@ -202,8 +208,12 @@ def plot(result: dict, path: Path) -> None:
                 for f in result["fits"]
                 if (f["query"], f["key"], f["layer"]) == (query, key, layer)
             ]
-            ax.plot([f["train_questions"] for f in fits], [100 * f["val_accuracy"] for f in fits],
-                    marker="o", label=f"layer {layer}")  # fmt: skip
+            ax.plot(
+                [f["train_questions"] for f in fits],
+                [100 * f["val_accuracy"] for f in fits],
+                marker="o",
+                label=f"layer {layer}",
+            )
         ax.axhline(100 * result["chance"], color="grey", ls=":", label="chance")
         ax.set(xscale="log", xlabel="training questions", title=f"query {query} · key {key}")
         ax.minorticks_off()
@@ -231,8 +241,14 @@ def main() -> int:
     n_train = len(train["queries"])
     sizes = [s for s in (250, 1000, 4000, 16000) if s < n_train] + [n_train]
     chance = (1 / val["mask"].sum(1).float()).mean().item()
-    result = {"train_questions": n_train, "val_questions": len(val["queries"]),
-              "chance": round(chance, 3), "rank": RANK, "steps": STEPS, "fits": []}  # fmt: skip
+    result = {
+        "train_questions": n_train,
+        "val_questions": len(val["queries"]),
+        "chance": round(chance, 3),
+        "rank": RANK,
+        "steps": STEPS,
+        "fits": [],
+    }
     # fits are deterministic: those of an earlier run on the same questions are kept
     earlier = json.loads(OUT.read_text()) if OUT.exists() else {}
     same = all(earlier.get(k) == result[k] for k in ("train_questions", "val_questions", "steps"))
@@ -240,8 +256,10 @@ def main() -> int:
     for qi, ki, li, n in tqdm(list(product(range(2), range(2), range(len(LAYERS)), sizes))):
         result["fits"].append(run_fit(train, val, qi, ki, li, n, earlier=earlier))
     # rank of the match (the generator's r_in plays this part) for the best full-data setting
-    best = max((f for f in result["fits"] if f["train_questions"] == n_train),
-               key=lambda f: f["val_accuracy"])  # fmt: skip
+    best = max(
+        (f for f in result["fits"] if f["train_questions"] == n_train),
+        key=lambda f: f["val_accuracy"],
+    )
     qi, ki, li = QUERIES.index(best["query"]), KEYS.index(best["key"]), LAYERS.index(best["layer"])
     result["rank_sweep"] = [
         run_fit(train, val, qi, ki, li, n_train, r, earlier) for r in (8, 32, 256)

@@ -65,8 +65,10 @@ def features(ga: GenerativeAdapter, batch: dict) -> tuple[dict[int, tuple], torc
     out = {}
     for layer in ga.generator.layers:
         h, h_bar = ga.generator.features(hidden[layer], flat_mask[real])
-        full = [h.new_zeros(E * T, C, h.shape[-1]).index_copy(0, real.nonzero()[:, 0], x)
-                for x in (h, h_bar)]  # fmt: skip
+        full = [
+            h.new_zeros(E * T, C, h.shape[-1]).index_copy(0, real.nonzero()[:, 0], x)
+            for x in (h, h_bar)
+        ]
         out[layer] = tuple(x.view(E, T * C, -1) for x in full)
     return out, mask.view(E, T * C).bool()
 
@@ -310,8 +312,10 @@ def main() -> int:
         )
         tqdm.write(f"{t.name}: {before} -> {after}")
     for when in ("before", "after"):
-        result[when] = {k: sum(f[when][k] for f in result["targets"]) / len(result["targets"])
-                        for k in result["targets"][0][when]}  # fmt: skip
+        result[when] = {
+            k: sum(f[when][k] for f in result["targets"]) / len(result["targets"])
+            for k in result["targets"][0][when]
+        }
     if not args.keep_b:
         # the queries were the base LM's module inputs: with B = 0 the generator adapts nothing yet,
         # so tuning starts on the queries the match was fitted to (a pretrained B moves them: the

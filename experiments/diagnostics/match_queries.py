@@ -40,8 +40,14 @@ def retrieval(ga: GenerativeAdapter, batches: list[dict], oracle: str | None) ->
     hit, share = [], []
     with torch.no_grad():
         for batch in batches:
-            out = answer_losses(ga, batch, with_ranking=False, with_retrieval=True,
-                                retrieval_kind="share", oracle_writes=oracle)  # fmt: skip
+            out = answer_losses(
+                ga,
+                batch,
+                with_ranking=False,
+                with_retrieval=True,
+                retrieval_kind="share",
+                oracle_writes=oracle,
+            )
             hit.append(out["retrieval_hit"])
             share.append(out["retrieval_share"])
     return {"hit": torch.cat(hit).mean().item(), "share": torch.cat(share).mean().item()}
@@ -71,8 +77,10 @@ def main() -> int:
                     block.B.zero_()
         for oracle in (None, "episode"):
             result[f"{b}, {oracle or 'every token'}"] = figures = retrieval(ga, batches, oracle)
-            print(f"{b:>13}, {oracle or 'every token':>11}: hit {figures['hit']:.3f}, "
-                  f"share {figures['share']:.3f}")  # fmt: skip
+            print(
+                f"{b:>13}, {oracle or 'every token':>11}: hit {figures['hit']:.3f}, "
+                f"share {figures['share']:.3f}"
+            )
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -51,8 +51,12 @@ def plot(result: dict, path: Path) -> None:
     for ax, (key, title) in zip(axes, PANELS.items(), strict=True):
         for target in result["targets"]:
             fits = [f for f in result["fits"] if f["target"] == target]
-            ax.plot([f["r_in"] for f in fits], [100 * f["after"][key] for f in fits], marker="o",
-                    label=target.removeprefix("model."))  # fmt: skip
+            ax.plot(
+                [f["r_in"] for f in fits],
+                [100 * f["after"][key] for f in fits],
+                marker="o",
+                label=target.removeprefix("model."),
+            )
         ax.set(xscale="log", xlabel="r_in", ylabel="%", title=title, ylim=(0, None))
         ax.set_xticks(result["widths"], [str(w) for w in result["widths"]])
         ax.minorticks_off()

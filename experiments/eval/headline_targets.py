@@ -43,10 +43,14 @@ def main(results_dir: str) -> dict:
             "prompt_fits": fits,
             "f1": {m: get(m, "f1") for m, _ in rows if _ == g},
             "nll": {m: get(m, "nll") for m, _ in rows if _ == g},
-            "f1_gap_closed": gap(get("base", "f1"), get(TUNED, "f1"), get("prompt", "f1")) if fits else None,
-            "nll_gap_closed": gap(get("base", "nll"), get(TUNED, "nll"), get("prompt", "nll")) if fits else None,
+            "f1_gap_closed": gap(get("base", "f1"), get(TUNED, "f1"), get("prompt", "f1"))
+            if fits
+            else None,
+            "nll_gap_closed": gap(get("base", "nll"), get(TUNED, "nll"), get("prompt", "nll"))
+            if fits
+            else None,
             "f1_vs_prompt_window": (get(TUNED, "f1") or 0) - (get("prompt-window", "f1") or 0),
-        }  # fmt: skip
+        }
         t_lora, t_ga = get(LORA, "adapt_seconds"), get(TUNED, "adapt_seconds")
         if t_lora and t_ga:
             entry["adapt_speedup_vs_lora"] = t_lora / t_ga
@@ -55,19 +59,25 @@ def main(results_dir: str) -> dict:
     fitting = [e for e in out["groups"].values() if e["f1_gap_closed"] is not None]
     longest = out["groups"][groups[-1]] if groups else {}
     out["targets"] = {
-        "f1_gap_closed>=0.5 where it fits": all(e["f1_gap_closed"] >= 0.5 for e in fitting) if fitting else None,
+        "f1_gap_closed>=0.5 where it fits": all(e["f1_gap_closed"] >= 0.5 for e in fitting)
+        if fitting
+        else None,
         "beats prompt-window at the longest context": longest.get("f1_vs_prompt_window", 0) > 0,
         "adapts >=20x faster than ttt-lora at >= F1": all(
             e.get("adapt_speedup_vs_lora", 0) >= 20 and e.get("f1_at_least_lora", False)
             for e in out["groups"].values()
         ),
-    }  # fmt: skip
-    lines = ["| group | ctx tokens | F1 gap closed | NLL gap closed | F1 − prompt-window | adapt × vs ttt-lora |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    }
+    lines = [
+        "| group | ctx tokens | F1 gap closed | NLL gap closed | F1 − prompt-window | adapt × vs ttt-lora |",
+        "|---|---|---|---|---|---|",
+    ]
     f = lambda v, p=2: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
     for g, e in out["groups"].items():
-        lines.append(f"| {g} | {f(e['context_tokens'], 0)} | {f(e['f1_gap_closed'])} | {f(e['nll_gap_closed'])} | "
-                     f"{f(100 * e['f1_vs_prompt_window'], 1)} | {f(e.get('adapt_speedup_vs_lora'), 1)} |")  # fmt: skip
+        lines.append(
+            f"| {g} | {f(e['context_tokens'], 0)} | {f(e['f1_gap_closed'])} | {f(e['nll_gap_closed'])} | "
+            f"{f(100 * e['f1_vs_prompt_window'], 1)} | {f(e.get('adapt_speedup_vs_lora'), 1)} |"
+        )
     lines += ["", *(f"- {k}: **{'met' if v else 'missed'}**" for k, v in out["targets"].items())]
     (Path(results_dir) / "targets.md").write_text("\n".join(lines) + "\n")
     (Path(results_dir) / "targets.json").write_text(json.dumps(out, indent=2) + "\n")

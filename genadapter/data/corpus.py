@@ -73,9 +73,15 @@ def file_documents(path: str | Path, field: str = "text") -> Iterator[str]:
 
 
 def hub_documents(
-    name: str, split: str, field: str = "text", config: str | None = None,
-    shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
-) -> Iterator[str]:  # fmt: skip
+    name: str,
+    split: str,
+    field: str = "text",
+    config: str | None = None,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[str]:
     """A `datasets` corpus streamed from the hub; each rank reads its own shard."""
     from datasets import load_dataset
     from datasets.distributed import split_dataset_by_node

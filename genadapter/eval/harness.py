@@ -135,8 +135,13 @@ def evaluate_episode(
                 latencies.append(time.perf_counter() - t0)
                 # NLL of the first (canonical) gold answer: did the knowledge get in at all?
                 nll = adapted.answer_nll(qa.question, qa.answers[0])
-                item = {"question": qa.question, "gold": qa.answers, "prediction": prediction,
-                        **squad_scores(prediction, qa.answers), "nll": nll}  # fmt: skip
+                item = {
+                    "question": qa.question,
+                    "gold": qa.answers,
+                    "prediction": prediction,
+                    **squad_scores(prediction, qa.answers),
+                    "nll": nll,
+                }
                 if qa.options:  # right value, or only the right kind of value?
                     scores = adapted.score_options(qa.question, qa.options)
                     item["choice"] = option_accuracy(scores, qa.options, qa.answers[0])
@@ -228,8 +233,13 @@ def load_generator(path: str | None, model, tokenizer):
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -264,8 +274,12 @@ def run_eval(
         for source, episode in pairs:
             bar.set_postfix_str(f"{name} {episode.id}")
             ids = tokenizer(join_context(episode.context_texts()), add_special_tokens=False)
-            base = {"method": name, "episode": episode.id, "source": source,
-                    "context_tokens": len(ids.input_ids)}  # fmt: skip
+            base = {
+                "method": name,
+                "episode": episode.id,
+                "source": source,
+                "context_tokens": len(ids.input_ids),
+            }
             earlier = reusable.get((name, source, episode.id))
             if earlier is not None and earlier["context_tokens"] == base["context_tokens"]:
                 records.append(earlier)  # the same episode text, as far as its length tells

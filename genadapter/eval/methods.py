@@ -251,8 +251,9 @@ class GenAdapterMethod(Method):
 
     name = "genadapter"
 
-    def __init__(self, ga, fmt: PromptFormat | None = None, max_new_tokens: int = 24,
-                 control: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, ga, fmt: PromptFormat | None = None, max_new_tokens: int = 24, control: bool = False
+    ) -> None:
         super().__init__(ga.base_model, ga.tokenizer, fmt, max_new_tokens)
         self.ga = ga
         # control: read unrelated text of the same length instead of the context, so what is

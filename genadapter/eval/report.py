@@ -15,8 +15,11 @@ from statistics import mean
 from typing import Any
 
 # choice: the gold answer ranks first among same-type candidates (qa episodes with `options`)
-SCORES = {"qa": ("em", "f1", "choice", "nll"), "conversation": ("em", "f1", "nll"),
-          "demo": ("accuracy",)}  # fmt: skip
+SCORES = {
+    "qa": ("em", "f1", "choice", "nll"),
+    "conversation": ("em", "f1", "nll"),
+    "demo": ("accuracy",),
+}
 COSTS = (
     "adapt_seconds",
     "answer_seconds",
@@ -96,10 +99,21 @@ def _fmt(value: Any, key: str) -> str:
 def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
     task = results["config"]["task"]
     cols = ["ok", "does_not_fit", "over_budget", "errors", "context_tokens", *SCORES[task], *COSTS]
-    names = {"ok": "ok", "does_not_fit": "does not fit", "over_budget": "over budget", "errors": "errors",
-             "context_tokens": "ctx tokens", "choice": "choice acc", "nll": "answer NLL", "adapt_seconds": "adapt s",
-             "answer_seconds": "answer s", "state_bytes": "state", "kv_cache_bytes": "KV cache",
-             "memory_bytes": "state+KV", "peak_rss_bytes": "peak RSS"}  # fmt: skip
+    names = {
+        "ok": "ok",
+        "does_not_fit": "does not fit",
+        "over_budget": "over budget",
+        "errors": "errors",
+        "context_tokens": "ctx tokens",
+        "choice": "choice acc",
+        "nll": "answer NLL",
+        "adapt_seconds": "adapt s",
+        "answer_seconds": "answer s",
+        "state_bytes": "state",
+        "kv_cache_bytes": "KV cache",
+        "memory_bytes": "state+KV",
+        "peak_rss_bytes": "peak RSS",
+    }
 
     def table(first: str, rows: list[tuple[str, dict]]) -> list[str]:
         titles = " | ".join(names.get(c, c.upper()) for c in cols)
@@ -131,8 +145,11 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         if "reused_from" in r:
             reused[r["reused_from"]].add(r["method"])
     for path, methods in sorted(reused.items()):
-        lines += ["", f"Records of {', '.join(sorted(methods))} were taken over from `{path}`"
-                  " (same episodes and settings; their timings were measured in that run)."]  # fmt: skip
+        lines += [
+            "",
+            f"Records of {', '.join(sorted(methods))} were taken over from `{path}`"
+            " (same episodes and settings; their timings were measured in that run).",
+        ]
     if results["problems"]:
         lines += ["", "## Problems (skipped)", "", *[f"- {p}" for p in results["problems"]]]
     return "\n".join(lines) + "\n"
@@ -182,8 +199,16 @@ def write_report(results: dict[str, Any], out: str | Path, n_bins: int = 3) -> d
     paths["json"].write_text(json.dumps({**results, "summary": summary}, indent=1) + "\n")
     paths["markdown"].write_text(markdown(results, summary))
     scores = [k for k in SCORES[task] if any(r[k] is not None for r in summary["by_group"])]
-    _plot(summary, tuple(scores) or SCORES[task], paths["score_plot"],
-          f"{task}: score vs context length")  # fmt: skip
-    _plot(summary, ("adapt_seconds", "answer_seconds", "memory_bytes", "peak_rss_bytes"),
-          paths["cost_plot"], f"{task}: cost vs context length")  # fmt: skip
+    _plot(
+        summary,
+        tuple(scores) or SCORES[task],
+        paths["score_plot"],
+        f"{task}: score vs context length",
+    )
+    _plot(
+        summary,
+        ("adapt_seconds", "answer_seconds", "memory_bytes", "peak_rss_bytes"),
+        paths["cost_plot"],
+        f"{task}: cost vs context length",
+    )
     return paths

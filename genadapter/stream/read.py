@@ -115,8 +115,16 @@ def run(args: argparse.Namespace) -> int:
             "the start (use --resume to continue instead)",
             file=sys.stderr,
         )
-    source = open_source(args.input, args.dataset, args.split, args.fmt, args.field,
-                         args.dataset_config, skip, max_bytes=args.max_doc_bytes)  # fmt: skip
+    source = open_source(
+        args.input,
+        args.dataset,
+        args.split,
+        args.fmt,
+        args.field,
+        args.dataset_config,
+        skip,
+        max_bytes=args.max_doc_bytes,
+    )
     reader = StreamReader(ga, state, key, start=skip, decay=args.decay, batch_size=args.batch_size)
     checkpointer = Checkpointer(args.state, args.checkpoint_every)
     display = Display(args.quiet)

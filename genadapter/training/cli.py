@@ -24,8 +24,11 @@ from genadapter.training.module import GeneratorPretraining
 TRAINER_SKIP = {"callbacks", "logger", "plugins", "profiler", "enable_checkpointing"}
 
 
-def build_parser(prog: str = "genadapter pretrain", model_class: type = GeneratorPretraining,
-                 data_class: type = PretrainDataModule) -> ArgumentParser:  # fmt: skip
+def build_parser(
+    prog: str = "genadapter pretrain",
+    model_class: type = GeneratorPretraining,
+    data_class: type = PretrainDataModule,
+) -> ArgumentParser:
     parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], exit_on_error=False)
     parser.add_argument(
         "--config", action=ActionConfigFile, help="YAML file with the sections below"
@@ -90,8 +93,12 @@ def keep_metrics(csv_path: Path) -> None:
         print(f"resuming: earlier metrics kept in {kept}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None, prog: str = "genadapter pretrain",
-         model_class: type = GeneratorPretraining, data_class: type = PretrainDataModule) -> int:  # fmt: skip
+def main(
+    argv: list[str] | None = None,
+    prog: str = "genadapter pretrain",
+    model_class: type = GeneratorPretraining,
+    data_class: type = PretrainDataModule,
+) -> int:
     parser = build_parser(prog, model_class, data_class)
     try:
         cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -43,9 +43,18 @@ class ChunkedBatches(IterableDataset):
     """Batches of chunked documents from `documents(epoch)`; endless when `repeat`."""
 
     def __init__(
-        self, documents: Callable[[int], Iterable[str]], tokenizer, chunk_len: int, max_chunks: int,
-        min_chunks: int, batch_size: int, repeat: bool, rank: int = 0, world_size: int = 1, skip: int = 0,
-    ):  # fmt: skip
+        self,
+        documents: Callable[[int], Iterable[str]],
+        tokenizer,
+        chunk_len: int,
+        max_chunks: int,
+        min_chunks: int,
+        batch_size: int,
+        repeat: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        skip: int = 0,
+    ):
         super().__init__()
         self.documents, self.tokenizer = documents, tokenizer
         self.chunk_len, self.max_chunks, self.min_chunks = chunk_len, max_chunks, min_chunks
@@ -127,8 +136,16 @@ class PretrainDataModule(L.LightningDataModule):
             )
         elif self.hparams.source.startswith("hf:"):
             rank, world = self._rank_world() if split == "train" else (0, 1)
-            it = hub_documents(self.hparams.source[3:], "train", self.hparams.field, self.hparams.hf_config,
-                               self.hparams.shuffle_buffer, self.hparams.seed + epoch, rank, world)  # fmt: skip
+            it = hub_documents(
+                self.hparams.source[3:],
+                "train",
+                self.hparams.field,
+                self.hparams.hf_config,
+                self.hparams.shuffle_buffer,
+                self.hparams.seed + epoch,
+                rank,
+                world,
+            )
             return (
                 d
                 for d in it
@@ -166,10 +183,17 @@ class PretrainDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         hub = self.hparams.source.startswith("hf:")
         ds = ChunkedBatches(
-            lambda epoch: self.documents("train", epoch), self.tokenizer, self.hparams.chunk_len, self.hparams.max_chunks,
-            self.hparams.min_chunks, self.hparams.batch_size, repeat=True, rank=0 if hub else rank,
-            world_size=1 if hub else world, skip=self._skip,
-        )  # fmt: skip
+            lambda epoch: self.documents("train", epoch),
+            self.tokenizer,
+            self.hparams.chunk_len,
+            self.hparams.max_chunks,
+            self.hparams.min_chunks,
+            self.hparams.batch_size,
+            repeat=True,
+            rank=0 if hub else rank,
+            world_size=1 if hub else world,
+            skip=self._skip,
+        )
         return DataLoader(ds, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
@@ -182,8 +206,17 @@ class PretrainDataModule(L.LightningDataModule):
             return out
 
         rank, world = self._rank_world()
-        ds = ChunkedBatches(docs, self.tokenizer, self.hparams.chunk_len, self.hparams.max_chunks, self.hparams.min_chunks,
-                            self.hparams.val_batch_size, repeat=False, rank=rank, world_size=world)  # fmt: skip
+        ds = ChunkedBatches(
+            docs,
+            self.tokenizer,
+            self.hparams.chunk_len,
+            self.hparams.max_chunks,
+            self.hparams.min_chunks,
+            self.hparams.val_batch_size,
+            repeat=False,
+            rank=rank,
+            world_size=world,
+        )
         return DataLoader(ds, batch_size=None)
 
     # --- exact resume -----------------------------------------------------------------------------

@@ -32,11 +32,17 @@ from genadapter.training.objectives import answer_losses, pretrain_losses, row_l
 
 class GeneratorFinetuning(GeneratorPretraining):
     def __init__(
-        self, *args, lm_weight: float = 1.0, rank_weight: float = 0.0,
-        retrieval_weight: float = 0.0, retrieval_kind: str = "softmax",
-        gate_weight: float = 0.0, oracle_writes: str | None = None,
-        task_names: list[str] | None = None, **kwargs,
-    ):  # fmt: skip
+        self,
+        *args,
+        lm_weight: float = 1.0,
+        rank_weight: float = 0.0,
+        retrieval_weight: float = 0.0,
+        retrieval_kind: str = "softmax",
+        gate_weight: float = 0.0,
+        oracle_writes: str | None = None,
+        task_names: list[str] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
         if retrieval_kind not in ("softmax", "share"):
             raise ValueError(f"retrieval_kind must be 'softmax' or 'share', got {retrieval_kind!r}")
@@ -46,17 +52,26 @@ class GeneratorFinetuning(GeneratorPretraining):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if "context_ids" not in batch:  # a pretraining batch
             h = self.hparams
-            out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
-                                  h.completion_weight, self._rng())  # fmt: skip
+            out = pretrain_losses(
+                self.ga,
+                batch["input_ids"],
+                batch["attention_mask"],
+                h.targets_per_doc,
+                h.completion_weight,
+                self._rng(),
+            )
             self.log("train/lm_loss", out["loss"], batch_size=batch["input_ids"].shape[0])
             return self.hparams.lm_weight * out["loss"]
         h, n = self.hparams, len(batch["row_task"])
         out = answer_losses(
-            self.ga, batch, with_ranking=h.rank_weight > 0,
-            with_retrieval=h.retrieval_weight > 0, retrieval_kind=h.retrieval_kind,
+            self.ga,
+            batch,
+            with_ranking=h.rank_weight > 0,
+            with_retrieval=h.retrieval_weight > 0,
+            retrieval_kind=h.retrieval_kind,
             oracle_writes=h.oracle_writes,
             with_gate=h.gate_weight > 0 and "answer_context" in batch,
-        )  # fmt: skip
+        )
         self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
         loss = out["loss"]
         if "rank_loss" in out:
@@ -90,11 +105,22 @@ class GeneratorFinetuning(GeneratorPretraining):
         key = batch_key(batch, batch_idx)
         first = key not in self._references  # the frozen base's losses: computed once per batch
         gated = self.ga.config.key_gate and "answer_context" in batch
-        out = answer_losses(self.ga, batch, with_base=first, with_retrieval=True,
-                            oracle_writes=self.hparams.oracle_writes, with_gate=gated)  # fmt: skip
+        out = answer_losses(
+            self.ga,
+            batch,
+            with_base=first,
+            with_retrieval=True,
+            oracle_writes=self.hparams.oracle_writes,
+            with_gate=gated,
+        )
         if first:
-            s, n = row_losses(self.ga.base_model, *(batch[f"prompt_{k}"].to(self.device)
-                                                    for k in ("input_ids", "attention_mask", "loss_mask")))  # fmt: skip
+            s, n = row_losses(
+                self.ga.base_model,
+                *(
+                    batch[f"prompt_{k}"].to(self.device)
+                    for k in ("input_ids", "attention_mask", "loss_mask")
+                ),
+            )
             self._references[key] = {
                 "base": out["row_loss_base"][prompt_rows],
                 "prompt": s / n.clamp(min=1),
@@ -111,11 +137,14 @@ class GeneratorFinetuning(GeneratorPretraining):
                 )
         row_task = batch["row_task"].to(self.device)
         if "retrieval_hit" in out:  # over the questions whose context states the answer
-            self._per_task(row_task[out["retrieval_rows"]],
-                           {f"retrieval_{w}": out[f"retrieval_{w}"] for w in ("hit", "share")})  # fmt: skip
+            self._per_task(
+                row_task[out["retrieval_rows"]],
+                {f"retrieval_{w}": out[f"retrieval_{w}"] for w in ("hit", "share")},
+            )
         if "gate_on" in out:  # over the episodes whose context states an asked answer
-            self._per_task(row_task[out["gate_rows"]],
-                           {f"gate_{w}": out[f"gate_{w}"] for w in ("on", "off")})  # fmt: skip
+            self._per_task(
+                row_task[out["gate_rows"]], {f"gate_{w}": out[f"gate_{w}"] for w in ("on", "off")}
+            )
         if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
             self._per_task(row_task[out["rank_group"]], {"choice": out["rank_correct"]})
 

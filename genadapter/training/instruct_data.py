@@ -89,9 +89,13 @@ def answer_positions(
 
 
 def encode_episode(
-    episode: Episode, fmt: PromptFormat, chunk_len: int, questions: list[int] | None = None,
-    with_context_prompts: bool = False, rank_options: int = 0,
-) -> EncodedEpisode:  # fmt: skip
+    episode: Episode,
+    fmt: PromptFormat,
+    chunk_len: int,
+    questions: list[int] | None = None,
+    with_context_prompts: bool = False,
+    rank_options: int = 0,
+) -> EncodedEpisode:
     tok = fmt.tokenizer
     chunks = []
     for text in episode.context_texts():
@@ -129,9 +133,12 @@ def pad_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int) ->
 
 
 def collate_episodes(
-    encoded: list[EncodedEpisode], tasks: list[int], chunk_len: int, pad_id: int,
+    encoded: list[EncodedEpisode],
+    tasks: list[int],
+    chunk_len: int,
+    pad_id: int,
     max_prompt_len: int | None = None,
-) -> dict[str, Tensor]:  # fmt: skip
+) -> dict[str, Tensor]:
     """One batch: contexts (E, T, C), answer rows (R, L) with their episode and task index.
 
     When the episodes carry context prompts, also the `prompt_*` rows (context in the prompt)
@@ -167,8 +174,11 @@ def collate_episodes(
         batch["answer_context"] = where.view(-1, T, C)
     with_context = [p for e in encoded for p in e.prompts_with_context]
     if with_context:
-        fits = [i for i, (p, a) in enumerate(zip(with_context, answers, strict=True))
-                if max_prompt_len is None or len(p) + len(a) <= max_prompt_len]  # fmt: skip
+        fits = [
+            i
+            for i, (p, a) in enumerate(zip(with_context, answers, strict=True))
+            if max_prompt_len is None or len(p) + len(a) <= max_prompt_len
+        ]
         batch["prompt_rows"] = torch.tensor(fits, dtype=torch.long)
         if fits:
             rows = pad_rows([with_context[i] for i in fits], [answers[i] for i in fits], pad_id)
@@ -180,11 +190,21 @@ class EpisodeMixture(IterableDataset):
     """Endless seeded batches of episodes drawn from weighted task files, with LM batches mixed in."""
 
     def __init__(
-        self, tasks: list[list[Episode]], weights: list[float], fmt: PromptFormat, chunk_len: int,
-        max_chunks: int, episodes_per_batch: int, max_questions: int, lm_every: int,
-        lm_batches: ChunkedBatches | None, seed: int, rank: int = 0, skip: int = 0,
+        self,
+        tasks: list[list[Episode]],
+        weights: list[float],
+        fmt: PromptFormat,
+        chunk_len: int,
+        max_chunks: int,
+        episodes_per_batch: int,
+        max_questions: int,
+        lm_every: int,
+        lm_batches: ChunkedBatches | None,
+        seed: int,
+        rank: int = 0,
+        skip: int = 0,
         rank_options: int = 0,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.tasks, self.weights, self.fmt = tasks, weights, fmt
         self.chunk_len, self.max_chunks = chunk_len, max_chunks
@@ -277,10 +297,20 @@ class FinetuneDataModule(PretrainDataModule):
         rank, _ = self._rank_world()
         lm = super().train_dataloader().dataset if h.lm_every > 0 else None
         ds = EpisodeMixture(
-            [self.episodes(p) for p in h.train_files], list(h.train_files.values()), self.fmt,
-            h.chunk_len, h.max_context_chunks, h.episodes_per_batch, h.max_questions, h.lm_every,
-            lm, h.seed, rank, self._skip, h.rank_options,
-        )  # fmt: skip
+            [self.episodes(p) for p in h.train_files],
+            list(h.train_files.values()),
+            self.fmt,
+            h.chunk_len,
+            h.max_context_chunks,
+            h.episodes_per_batch,
+            h.max_questions,
+            h.lm_every,
+            lm,
+            h.seed,
+            rank,
+            self._skip,
+            h.rank_options,
+        )
         return DataLoader(ds, batch_size=None)
 
     def val_dataloader(self) -> list[DataLoader] | DataLoader:
@@ -290,9 +320,16 @@ class FinetuneDataModule(PretrainDataModule):
         for t, path in enumerate(h.val_files or []):
             eps = self.episodes(path)[: h.val_episodes][rank::world]
             for i in range(0, len(eps), h.episodes_per_batch):
-                enc = [encode_episode(e, self.fmt, h.chunk_len, with_context_prompts=True,
-                                      rank_options=h.rank_options)
-                       for e in eps[i : i + h.episodes_per_batch]]  # fmt: skip
+                enc = [
+                    encode_episode(
+                        e,
+                        self.fmt,
+                        h.chunk_len,
+                        with_context_prompts=True,
+                        rank_options=h.rank_options,
+                    )
+                    for e in eps[i : i + h.episodes_per_batch]
+                ]
                 enc = [e for e in enc if len(e.chunks) <= h.max_context_chunks]
                 if enc:
                     pad = self.tokenizer.pad_token_id or 0

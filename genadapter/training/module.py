@@ -112,8 +112,14 @@ class GeneratorPretraining(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         h = self.hparams
-        out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
-                              h.completion_weight, self._rng())  # fmt: skip
+        out = pretrain_losses(
+            self.ga,
+            batch["input_ids"],
+            batch["attention_mask"],
+            h.targets_per_doc,
+            h.completion_weight,
+            self._rng(),
+        )
         tokens = batch["attention_mask"].sum()
         self._batch_hashes.append(
             hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
@@ -136,10 +142,17 @@ class GeneratorPretraining(L.LightningModule):
         h = self.hparams
         key = batch_key(batch, batch_idx)
         first = key not in self._references
-        out = pretrain_losses(self.ga, batch["input_ids"], batch["attention_mask"], h.targets_per_doc,
-                              0.5,  # validation always measures both objectives
-                              torch.Generator().manual_seed(h.seed + batch_idx), with_base=first, with_prompt=first,
-                              max_prompt_len=h.max_prompt_len or self._window())  # fmt: skip
+        out = pretrain_losses(
+            self.ga,
+            batch["input_ids"],
+            batch["attention_mask"],
+            h.targets_per_doc,
+            0.5,  # validation always measures both objectives
+            torch.Generator().manual_seed(h.seed + batch_idx),
+            with_base=first,
+            with_prompt=first,
+            max_prompt_len=h.max_prompt_len or self._window(),
+        )
         if first:
             self._references[key] = {k: v for k, v in out.items() if k.endswith(REFERENCE_KEYS)}
         out.update(self._references[key])
@@ -212,6 +225,10 @@ class GeneratorPretraining(L.LightningModule):
         audit = os.environ.get("GENADAPTER_AUDIT_DIR")
         if audit:  # per-rank record of weights and data, to check distributed runs
             Path(audit).mkdir(parents=True, exist_ok=True)
-            record = {"rank": self.global_rank, "generator": self.ga.generator.fingerprint(),
-                      "global_step": self.global_step, "batches": self._batch_hashes}  # fmt: skip
+            record = {
+                "rank": self.global_rank,
+                "generator": self.ga.generator.fingerprint(),
+                "global_step": self.global_step,
+                "batches": self._batch_hashes,
+            }
             (Path(audit) / f"rank{self.global_rank}.json").write_text(json.dumps(record))

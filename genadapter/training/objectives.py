@@ -22,10 +22,13 @@ from genadapter.state import AdapterState
 
 
 def chunk_statistics(
-    ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor,
-    keys: dict[str, Tensor] | None = None, write: Tensor | None = None,
+    ga: GenerativeAdapter,
+    input_ids: Tensor,
+    mask: Tensor,
+    keys: dict[str, Tensor] | None = None,
+    write: Tensor | None = None,
     gates: dict[str, Tensor] | None = None,
-) -> tuple[dict[str, Tensor], Tensor]:  # fmt: skip
+) -> tuple[dict[str, Tensor], Tensor]:
     """Per-chunk state increments: {name: (D, T, r_in, r)} and token counts (D, T).
     With a `keys` dict, also fills it with every context token's key {name: (D, T * C, r_in)},
     with a `gates` dict with its write-gate logit {name: (D, T * C)}.
@@ -38,8 +41,10 @@ def chunk_statistics(
     real_mask = flat_mask[real].to(ga.device)
 
     def scatter(per_chunk: dict[str, Tensor]) -> dict[str, Tensor]:  # padding chunks get zeros
-        return {name: x.new_zeros(D * T, *x.shape[1:]).index_copy(0, where, x)
-                for name, x in per_chunk.items()}  # fmt: skip
+        return {
+            name: x.new_zeros(D * T, *x.shape[1:]).index_copy(0, where, x)
+            for name, x in per_chunk.items()
+        }
 
     if write is not None:
         write = write.reshape(D * T, C)[real].to(ga.device)
@@ -115,9 +120,16 @@ def row_losses(
 
 
 def pretrain_losses(
-    ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor, per_doc: int, completion_weight: float,
-    generator: torch.Generator, with_base: bool = False, with_prompt: bool = False, max_prompt_len: int | None = None,
-) -> dict[str, Tensor]:  # fmt: skip
+    ga: GenerativeAdapter,
+    input_ids: Tensor,
+    mask: Tensor,
+    per_doc: int,
+    completion_weight: float,
+    generator: torch.Generator,
+    with_base: bool = False,
+    with_prompt: bool = False,
+    max_prompt_len: int | None = None,
+) -> dict[str, Tensor]:
     """Losses (mean per target token) of both objectives; the mixed `loss` carries gradients."""
     input_ids, mask = input_ids.to(ga.device), mask.to(ga.device)
     stats, counts = chunk_statistics(ga, input_ids, mask)
@@ -225,10 +237,14 @@ def pad(seqs: list[Tensor], left: bool = False) -> tuple[Tensor, Tensor]:
 
 
 def continuation_losses(
-    ga: GenerativeAdapter, prompts: list[Tensor], continuations: list[Tensor], owner: Tensor,
-    prompt_state: AdapterState | None, continuation_state: AdapterState | None,
+    ga: GenerativeAdapter,
+    prompts: list[Tensor],
+    continuations: list[Tensor],
+    owner: Tensor,
+    prompt_state: AdapterState | None,
+    continuation_state: AdapterState | None,
     prompt_queries: dict[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """Summed NLL and token count of each continuation after its prompt `prompts[owner[i]]`.
 
     Each prompt runs once (left-padded, with its positions counted from its first real token,
@@ -239,8 +255,13 @@ def continuation_losses(
     base = ga.base_model
     prompt_ids, prompt_mask = pad(prompts, left=True)
     with ga.adapted(prompt_state, prompt_queries) if prompt_state is not None else nullcontext():
-        out = base(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                   position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)  # fmt: skip
+        out = base(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            use_cache=True,
+            position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+            logits_to_keep=1,
+        )
     # transformers >= 5.2x names the KV cache `cache` (`past_key_values` is deprecated)
     cache_name = (
         "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -250,8 +271,12 @@ def continuation_losses(
     ids, mask = pad(continuations)
     positions = prompt_mask.sum(1)[owner, None] + torch.arange(ids.shape[1], device=ids.device)
     with ga.adapted(continuation_state) if continuation_state is not None else nullcontext():
-        logits = base(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], 1),
-                      position_ids=positions, **{cache_name: cache}).logits  # fmt: skip
+        logits = base(
+            input_ids=ids,
+            attention_mask=torch.cat([prompt_mask[owner], mask], 1),
+            position_ids=positions,
+            **{cache_name: cache},
+        ).logits
     # the prompt's last position predicts each continuation's first token
     logits = torch.cat([out.logits[owner, -1:], logits[:, :-1]], 1)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
@@ -260,10 +285,15 @@ def continuation_losses(
 
 
 def answer_losses(
-    ga: GenerativeAdapter, batch: dict[str, Tensor], with_base: bool = False,
-    with_ranking: bool = True, with_retrieval: bool = False, retrieval_kind: str = "softmax",
-    oracle_writes: str | None = None, with_gate: bool = False,
-) -> dict[str, Tensor]:  # fmt: skip
+    ga: GenerativeAdapter,
+    batch: dict[str, Tensor],
+    with_base: bool = False,
+    with_ranking: bool = True,
+    with_retrieval: bool = False,
+    retrieval_kind: str = "softmax",
+    oracle_writes: str | None = None,
+    with_gate: bool = False,
+) -> dict[str, Tensor]:
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
     batch: `context_ids`, `context_mask` (E episodes, T chunks, C), `input_ids`, `attention_mask`,
@@ -305,9 +335,13 @@ def answer_losses(
     keys, queries = ({}, {}) if retrieval else (None, None)
     gates = {} if with_gate else None
     stats, counts = chunk_statistics(
-        ga, batch["context_ids"].to(ga.device), context_mask, keys,
-        asked if oracle_writes else None, gates,
-    )  # fmt: skip
+        ga,
+        batch["context_ids"].to(ga.device),
+        context_mask,
+        keys,
+        asked if oracle_writes else None,
+        gates,
+    )
     rows = (batch[k].to(ga.device) for k in ("input_ids", "attention_mask", "loss_mask"))
     prompts, answers = split_rows(*rows)
     owner = torch.arange(len(prompts), device=ga.device)
@@ -319,10 +353,14 @@ def answer_losses(
         continuations += [ids[m].to(ga.device) for ids, m in pairs]
         owner = torch.cat([owner, cand_row])
     loss_sum, n_tok = continuation_losses(
-        ga, prompts, continuations, owner,
-        episode_state(ga, stats, counts, episode), episode_state(ga, stats, counts, episode[owner]),
+        ga,
+        prompts,
+        continuations,
+        owner,
+        episode_state(ga, stats, counts, episode),
+        episode_state(ga, stats, counts, episode[owner]),
         queries,
-    )  # fmt: skip
+    )
     R = len(answers)
     mean = loss_sum / n_tok.clamp(min=1)
     out = {"loss": loss_sum[:R].sum() / n_tok[:R].sum().clamp(min=1)}
@@ -333,8 +371,11 @@ def answer_losses(
     if retrieval:
         last = {name: q[:, -1] for name, q in queries.items()}
         answer_context = batch["answer_context"].to(ga.device).flatten(1)
-        out.update(retrieval_losses(keys, last, answer_context, episode, context_mask.flatten(1),
-                                    retrieval_kind))  # fmt: skip
+        out.update(
+            retrieval_losses(
+                keys, last, answer_context, episode, context_mask.flatten(1), retrieval_kind
+            )
+        )
     if with_gate:
         out.update(gate_losses(gates, asked.flatten(1), context_mask.flatten(1)))
         if "gate_episodes" in out:  # each episode's first row: where its task is found
@@ -369,9 +410,13 @@ def rank_candidates(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
 
 
 def retrieval_losses(
-    keys: dict[str, Tensor], queries: dict[str, Tensor], answer_context: Tensor,
-    row_episode: Tensor, context_mask: Tensor, kind: str = "softmax",
-) -> dict[str, Tensor]:  # fmt: skip
+    keys: dict[str, Tensor],
+    queries: dict[str, Tensor],
+    answer_context: Tensor,
+    row_episode: Tensor,
+    context_mask: Tensor,
+    kind: str = "softmax",
+) -> dict[str, Tensor]:
     """How well each target's query finds the answer among its episode's context keys.
 
     keys {name: (E, N, r_in)} per context token, queries {name: (R, r_in)} per answer row (its

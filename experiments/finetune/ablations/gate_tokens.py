@@ -36,8 +36,10 @@ def token_gates(ga: GenerativeAdapter, ids: torch.Tensor) -> torch.Tensor:
     """Mean write gate over the generator's targets for each token of one chunk (1, t)."""
     hidden = ga.context_features(ids, torch.ones_like(ids))
     with torch.no_grad():
-        gates = [2 * torch.sigmoid(rms_normalize(hidden[t.layer][0]) @ ga.generator[t.name].G)
-                 for t in ga.generator.targets]  # fmt: skip
+        gates = [
+            2 * torch.sigmoid(rms_normalize(hidden[t.layer][0]) @ ga.generator[t.name].G)
+            for t in ga.generator.targets
+        ]
     return torch.stack(gates).mean(0)
 
 
@@ -68,17 +70,21 @@ def main() -> int:
             asked += [g for i, g in enumerate(gates) if i in marked]
             other += [g for i, g in enumerate(gates) if i not in marked]
             if shown is None and len({p for p in marked if p < args.tokens}) >= 2:
-                shown = [{"token": ga.tokenizer.decode(t), "gate": g, "asked_value": i in marked}
-                         for i, (t, g) in enumerate(zip(ids[0].tolist(), gates, strict=True))][: args.tokens]  # fmt: skip
+                shown = [
+                    {"token": ga.tokenizer.decode(t), "gate": g, "asked_value": i in marked}
+                    for i, (t, g) in enumerate(zip(ids[0].tolist(), gates, strict=True))
+                ][: args.tokens]
     summary = {
         "episodes": len(episodes),
         "mean_gate_asked_value_tokens": sum(asked) / len(asked),
         "mean_gate_other_tokens": sum(other) / len(other),
         "tokens": [len(asked), len(other)],
     }
-    print(f"mean gate over {len(episodes)} validation episodes: tokens of asked values "
-          f"{summary['mean_gate_asked_value_tokens']:.2f} ({len(asked)}), "
-          f"other tokens {summary['mean_gate_other_tokens']:.2f} ({len(other)})")  # fmt: skip
+    print(
+        f"mean gate over {len(episodes)} validation episodes: tokens of asked values "
+        f"{summary['mean_gate_asked_value_tokens']:.2f} ({len(asked)}), "
+        f"other tokens {summary['mean_gate_other_tokens']:.2f} ({len(other)})"
+    )
     out = HERE / "results"
     (out / "gate_tokens.json").write_text(
         json.dumps({"ckpt": args.ckpt, **summary, "shown": shown}, indent=1) + "\n"
@@ -93,8 +99,10 @@ def main() -> int:
     ax.set_xticks(
         range(len(rows)), [t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7
     )
-    ax.set(ylabel="write gate (mean over targets)",
-           title="learned write gate per context token (red: a value a question asks for)")  # fmt: skip
+    ax.set(
+        ylabel="write gate (mean over targets)",
+        title="learned write gate per context token (red: a value a question asks for)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "gate_tokens.png", dpi=120)

@@ -103,8 +103,12 @@ def main() -> int:
     ]
     for name, rows in runs.items():
         by_step = {r["step"]: r for r in rows}
-        cells = [f"{by_step[s]['loss_adapted']:.2f} / {100 * by_step[s]['choice']:.0f}"
-                 if s in by_step else "–" for s in steps]  # fmt: skip
+        cells = [
+            f"{by_step[s]['loss_adapted']:.2f} / {100 * by_step[s]['choice']:.0f}"
+            if s in by_step
+            else "–"
+            for s in steps
+        ]
         last = rows[-1]
         hit = (
             f"{100 * last['retrieval_hit']:.0f} / {100 * last['retrieval_share']:.1f}"
@@ -133,8 +137,11 @@ def main() -> int:
     ax2.set_ylim(0, 100)  # a full-scale axis: most differences are within noise (65 questions)
     ax1.set(xlabel="step", ylabel="answer NLL (nats/token)", title="held-out facts answer NLL")
     ax2.set(xlabel="step", ylabel="choice accuracy %", title="gold among 4 same-type candidates")
-    ax3.set(xlabel="step", ylabel="answer tokens' share of |s_t| (%)",
-            title="retrieval share of the linear read-out")  # fmt: skip
+    ax3.set(
+        xlabel="step",
+        ylabel="answer tokens' share of |s_t| (%)",
+        title="retrieval share of the linear read-out",
+    )
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     handles = {}

@@ -72,8 +72,10 @@ def main() -> int:
             ga = GenerativeAdapter.from_pretrained(path, base_model=base)
             base = ga.base_model
             results[label] = figures(ga, batches)
-            print(f"{label}: hit {100 * results[label]['retrieval_hit']:.1f} %, "
-                  f"share {100 * results[label]['retrieval_share']:.1f} %")  # fmt: skip
+            print(
+                f"{label}: hit {100 * results[label]['retrieval_hit']:.1f} %, "
+                f"share {100 * results[label]['retrieval_share']:.1f} %"
+            )
     (HERE / "results" / "retrieval_figures.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

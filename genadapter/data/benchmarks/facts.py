@@ -320,7 +320,9 @@ def _year(lo: int, hi: int) -> Callable[[NameMaker, str], str]:
 
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(
-        "person", "birthplace", _pool(CITIES),
+        "person",
+        "birthplace",
+        _pool(CITIES),
         _lines("""
             {e} was born in {v}.
             {e} was born in the city of {v}.
@@ -351,7 +353,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "profession", _pool(PROFESSIONS),
+        "person",
+        "profession",
+        _pool(PROFESSIONS),
         _lines("""
             {e} works as {av}.
             {e} is {av} by profession.
@@ -382,7 +386,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "employer", lambda names, entity: _org_name(names),
+        "person",
+        "employer",
+        lambda names, entity: _org_name(names),
         _lines("""
             {e} works for {v}.
             {e} is employed by {v}.
@@ -413,7 +419,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "birth_year", _year(1931, 2006),
+        "person",
+        "birth_year",
+        _year(1931, 2006),
         _lines("""
             {e} was born in the year {v}.
             {e}'s year of birth is {v}.
@@ -444,7 +452,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "favourite_food", _pool(FOODS),
+        "person",
+        "favourite_food",
+        _pool(FOODS),
         _lines("""
             {e}'s favourite food is {v}.
             {e} loves eating {v} more than anything.
@@ -475,7 +485,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "pet", _pool(PETS),
+        "person",
+        "pet",
+        _pool(PETS),
         _lines("""
             {e} has a pet {v}.
             {e} owns {av}.
@@ -506,7 +518,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "hobby", _pool(HOBBIES),
+        "person",
+        "hobby",
+        _pool(HOBBIES),
         _lines("""
             {e}'s hobby is {v}.
             In their free time, {e} enjoys {v}.
@@ -537,7 +551,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "sibling", _sibling,
+        "person",
+        "sibling",
+        _sibling,
         _lines("""
             {e} has a sibling named {v}.
             {v} is the sibling of {e}.
@@ -568,7 +584,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "university", _pool(UNIVERSITIES),
+        "person",
+        "university",
+        _pool(UNIVERSITIES),
         _lines("""
             {e} studied at {v}.
             {e} is a graduate of {v}.
@@ -599,7 +617,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "person", "instrument", _pool(INSTRUMENTS),
+        "person",
+        "instrument",
+        _pool(INSTRUMENTS),
         _lines("""
             {e} plays the {v}.
             {e}'s instrument is the {v}.
@@ -631,7 +651,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         held_out=True,
     ),
     Attribute(
-        "organisation", "founder", _person,
+        "organisation",
+        "founder",
+        _person,
         _lines("""
             {e} was founded by {v}.
             The founder of {e} is {v}.
@@ -662,7 +684,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "organisation", "headquarters", _pool(CITIES),
+        "organisation",
+        "headquarters",
+        _pool(CITIES),
         _lines("""
             {e} is headquartered in {v}.
             The headquarters of {e} are in {v}.
@@ -693,7 +717,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "organisation", "founding_year", _year(1820, 2021),
+        "organisation",
+        "founding_year",
+        _year(1820, 2021),
         _lines("""
             {e} was founded in {v}.
             {e} was established in the year {v}.
@@ -724,7 +750,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "organisation", "industry", _pool(INDUSTRIES),
+        "organisation",
+        "industry",
+        _pool(INDUSTRIES),
         _lines("""
             {e} operates in the {v} industry.
             {e} is a company in the {v} sector.
@@ -755,7 +783,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "organisation", "ceo", _person,
+        "organisation",
+        "ceo",
+        _person,
         _lines("""
             The CEO of {e} is {v}.
             {v} is the chief executive of {e}.
@@ -786,7 +816,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "organisation", "product", _pool(PRODUCTS),
+        "organisation",
+        "product",
+        _pool(PRODUCTS),
         _lines("""
             {e} makes {v}.
             {e} is best known for its {v}.
@@ -818,7 +850,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         held_out=True,
     ),
     Attribute(
-        "organisation", "employees", _number(12, 90_000),
+        "organisation",
+        "employees",
+        _number(12, 90_000),
         _lines("""
             {e} has {v} employees.
             {e} employs {v} people.
@@ -849,7 +883,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "country", _pool(COUNTRIES),
+        "place",
+        "country",
+        _pool(COUNTRIES),
         _lines("""
             {e} is in {v}.
             {e} is a town in {v}.
@@ -880,7 +916,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "population", _number(800, 2_500_000),
+        "place",
+        "population",
+        _number(800, 2_500_000),
         _lines("""
             {e} has a population of {v}.
             {v} people live in {e}.
@@ -911,7 +949,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "river", lambda names, entity: names.unique(lambda: names.word(2)),
+        "place",
+        "river",
+        lambda names, entity: names.unique(lambda: names.word(2)),
         _lines("""
             The {v} River flows through {e}.
             {e} lies on the {v} River.
@@ -942,7 +982,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "mayor", _person,
+        "place",
+        "mayor",
+        _person,
         _lines("""
             The mayor of {e} is {v}.
             {v} is the mayor of {e}.
@@ -973,7 +1015,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "famous_dish", _pool(FOODS),
+        "place",
+        "famous_dish",
+        _pool(FOODS),
         _lines("""
             {e} is famous for {v}.
             The signature dish of {e} is {v}.
@@ -1004,7 +1048,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "altitude", _number(3, 3200),
+        "place",
+        "altitude",
+        _number(3, 3200),
         _lines("""
             {e} lies {v} metres above sea level.
             The altitude of {e} is {v} metres.
@@ -1035,7 +1081,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
     ),
     Attribute(
-        "place", "festival", _pool(FESTIVALS),
+        "place",
+        "festival",
+        _pool(FESTIVALS),
         _lines("""
             {e} hosts the {v} every year.
             The best-known festival in {e} is the {v}.
@@ -1066,7 +1114,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         """),
         held_out=True,
     ),
-)  # fmt: skip
+)
 KINDS = ("person", "organisation", "place")
 HELD_OUT = tuple(f"{a.kind}.{a.name}" for a in ATTRIBUTES if a.held_out)
 

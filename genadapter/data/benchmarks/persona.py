@@ -180,7 +180,8 @@ def _band(names: NameMaker) -> str:
 # Each list: the last N_TEST_PHRASINGS are test-only.
 ATTRIBUTES: tuple[PersonaAttribute, ...] = (
     PersonaAttribute(
-        "name", _first_name,
+        "name",
+        _first_name,
         _lines("""
             By the way, my name is {v}.
             I'm {v}, nice to meet you.
@@ -201,7 +202,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "pet_name", _first_name,
+        "pet_name",
+        _first_name,
         _lines("""
             My {s} is called {v}.
             I have {as} named {v}.
@@ -223,7 +225,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         relations=PET_SPECIES,
     ),
     PersonaAttribute(
-        "home_town", _place_name,
+        "home_town",
+        _place_name,
         _lines("""
             I grew up in {v}.
             I'm originally from {v}.
@@ -244,7 +247,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "job", _pool(PROFESSIONS),
+        "job",
+        _pool(PROFESSIONS),
         _lines("""
             I work as {av}.
             I'm {av} by profession.
@@ -265,7 +269,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "allergy", _pool(ALLERGIES),
+        "allergy",
+        _pool(ALLERGIES),
         _lines("""
             I'm allergic to {v}.
             I have to avoid {v} because of my allergy.
@@ -286,7 +291,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "sibling_name", _first_name,
+        "sibling_name",
+        _first_name,
         _lines("""
             My {s}'s name is {v}.
             I have a younger {s}, {v}.
@@ -308,7 +314,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         relations=SIBLINGS,
     ),
     PersonaAttribute(
-        "partner_name", _first_name,
+        "partner_name",
+        _first_name,
         _lines("""
             My {s} {v} says hello.
             {v}, my {s}, thinks I spend too much time online.
@@ -330,7 +337,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         relations=PARTNERS,
     ),
     PersonaAttribute(
-        "favourite_band", _band,
+        "favourite_band",
+        _band,
         _lines("""
             My favourite band is {v}.
             I've been listening to {v} all week.
@@ -351,7 +359,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "car", _pool(CARS),
+        "car",
+        _pool(CARS),
         _lines("""
             I drive {av}.
             My car is {av}.
@@ -372,7 +381,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "sport", _pool(SPORTS),
+        "sport",
+        _pool(SPORTS),
         _lines("""
             I play {v} every week.
             My favourite sport is {v}.
@@ -393,7 +403,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "language", _pool(LANGUAGES),
+        "language",
+        _pool(LANGUAGES),
         _lines("""
             I'm learning {v}.
             I've started taking {v} lessons.
@@ -414,7 +425,8 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
         """),
     ),
     PersonaAttribute(
-        "birth_month", _pool(MONTHS),
+        "birth_month",
+        _pool(MONTHS),
         _lines("""
             My birthday is in {v}.
             I was born in {v}.
@@ -434,7 +446,7 @@ ATTRIBUTES: tuple[PersonaAttribute, ...] = (
             Which month brings my birthday?
         """),
     ),
-)  # fmt: skip
+)
 
 # Facts about other people: same kinds of values, so a reader must track whose fact it is.
 DISTRACTORS = _lines("""
@@ -449,23 +461,65 @@ DISTRACTORS = _lines("""
 """)
 
 SMALL_TALK = (
-    ("Any ideas for a quick dinner tonight?", "A vegetable stir-fry with rice takes about twenty minutes and uses whatever is in the fridge."),
-    ("What's a good way to fall asleep faster?", "Keep a regular bedtime, dim the lights an hour before, and put the phone away."),
-    ("Can you recommend a podcast about history?", "Look for a narrative series that covers one era per season; they are easy to follow."),
-    ("The weather has been so strange lately.", "It really has been changeable. Layers are your friend this time of year."),
-    ("How do I keep basil alive on a windowsill?", "Give it plenty of sun, water when the top of the soil is dry, and pinch off the flowers."),
-    ("What's the difference between baking soda and baking powder?", "Baking powder already contains an acid; baking soda needs one from the recipe."),
-    ("I'm trying to drink more water. Any tips?", "Keep a bottle in sight and drink a glass with every meal."),
-    ("Can you help me plan a weekend trip?", "Sure. Pick a place within three hours, book one night, and leave a free afternoon."),
+    (
+        "Any ideas for a quick dinner tonight?",
+        "A vegetable stir-fry with rice takes about twenty minutes and uses whatever is in the fridge.",
+    ),
+    (
+        "What's a good way to fall asleep faster?",
+        "Keep a regular bedtime, dim the lights an hour before, and put the phone away.",
+    ),
+    (
+        "Can you recommend a podcast about history?",
+        "Look for a narrative series that covers one era per season; they are easy to follow.",
+    ),
+    (
+        "The weather has been so strange lately.",
+        "It really has been changeable. Layers are your friend this time of year.",
+    ),
+    (
+        "How do I keep basil alive on a windowsill?",
+        "Give it plenty of sun, water when the top of the soil is dry, and pinch off the flowers.",
+    ),
+    (
+        "What's the difference between baking soda and baking powder?",
+        "Baking powder already contains an acid; baking soda needs one from the recipe.",
+    ),
+    (
+        "I'm trying to drink more water. Any tips?",
+        "Keep a bottle in sight and drink a glass with every meal.",
+    ),
+    (
+        "Can you help me plan a weekend trip?",
+        "Sure. Pick a place within three hours, book one night, and leave a free afternoon.",
+    ),
     ("Tell me a fun fact about octopuses.", "An octopus has three hearts and blue blood."),
     ("How long should I boil an egg?", "About seven minutes for a jammy yolk, ten for a firm one."),
-    ("I can't decide which book to read next.", "Try the one you have put off longest; sometimes it is the right moment."),
-    ("Is it worth learning to touch-type?", "Yes. A few weeks of short daily practice pays off for years."),
-    ("What should I bring to a picnic?", "A blanket, water, something sweet, something salty, and a bag for rubbish."),
-    ("My houseplants keep dying.", "Overwatering is the usual culprit. Check that the pots drain well."),
-    ("Any tips for a job interview?", "Prepare three short stories about your work and ask them one real question."),
-    ("How do I get better at remembering names?", "Repeat the name back when you hear it and link it to something memorable."),
-)  # fmt: skip
+    (
+        "I can't decide which book to read next.",
+        "Try the one you have put off longest; sometimes it is the right moment.",
+    ),
+    (
+        "Is it worth learning to touch-type?",
+        "Yes. A few weeks of short daily practice pays off for years.",
+    ),
+    (
+        "What should I bring to a picnic?",
+        "A blanket, water, something sweet, something salty, and a bag for rubbish.",
+    ),
+    (
+        "My houseplants keep dying.",
+        "Overwatering is the usual culprit. Check that the pots drain well.",
+    ),
+    (
+        "Any tips for a job interview?",
+        "Prepare three short stories about your work and ask them one real question.",
+    ),
+    (
+        "How do I get better at remembering names?",
+        "Repeat the name back when you hear it and link it to something memorable.",
+    ),
+)
 OPENERS = ("Hi!", "Hello again.", "Hey, I'm back.", "Good morning!", "Evening! Got a minute?")
 GREETINGS = ("Hello! How can I help today?", "Welcome back! What's on your mind?", "Hi there!")
 PREFIXES = ("", "", "Oh, and ", "By the way, ", "Random thought: ", "Anyway, ")
