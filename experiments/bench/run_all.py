@@ -1,6 +1,6 @@
 """Run the performance suite (each script in its own process), then summarise every target.
 
-    python experiments/bench/run_all.py            # full: results/*, summary.md, README block
+    python experiments/bench/run_all.py            # full: results/*, summary.md, the block in README.md
     python experiments/bench/run_all.py --quick    # about 2 minutes a script, into results/quick/
     make benchmarks [QUICK=1]
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-README = HERE.parents[1] / "README.md"
+README = HERE / "README.md"  # experiments/bench/README.md, between the markers
 START, END = "<!-- bench:start", "<!-- bench:end -->"
 SCRIPTS = ["read_throughput", "answer_latency", "train_step", "adapt_speed"]
 
@@ -88,7 +88,7 @@ def main() -> int:
         head, rest = readme.split(START, 1)
         marker, _, tail = rest.partition(END)
         block = text.split("\n", 2)[2].strip()  # without the heading
-        block = block.replace("](", "](experiments/bench/results/")
+        block = block.replace("](", "](results/")  # links relative to README
         README.write_text(f"{head}{START}{marker.splitlines()[0]}\n{block}\n{END}{tail}")
     print(text)
     print(f"suite took {(time.perf_counter() - start) / 60:.1f} min")
