@@ -1,14 +1,17 @@
 """Built-in benchmarks: deterministic, split-disjoint, answerable, and the right size."""
 
+import copy
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 
 from genadapter.assets import is_complete, wiki_summaries_path
 from genadapter.data.benchmarks import facts, make, make_facts, make_persona, persona
-from genadapter.data.benchmarks.common import estimate_tokens
+from genadapter.data.benchmarks.common import estimate_tokens, load_templates
 from genadapter.data.episodes import read_episodes
 
 
@@ -241,6 +244,89 @@ def test_persona_values_and_phrasings_held_out(persona_splits, monkeypatch):
     make_persona("train", 200, seed=0)
     make_persona("validation", 50, seed=0)
     assert used and not set(used) & test_only
+
+
+# ----------------------------------------------------------------------------- template files
+
+
+def test_template_files_load():
+    """templates/*.yaml hold the catalogues, and pyproject.toml ships every one of them."""
+    for module, filename in ((facts, "facts.yaml"), (persona, "persona.yaml")):
+        data = load_templates(filename)
+        loaded = module.load_attributes(data["attributes"], module.POOLS)
+        assert [a.name for a in loaded] == [a.name for a in module.ATTRIBUTES] != []
+        assert [a.questions for a in loaded] == [a.questions for a in module.ATTRIBUTES]
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["genadapter.data.benchmarks"]
+    package = Path(facts.__file__).parent
+    shipped = {path for g in globs for path in package.glob(g)}
+    assert shipped == set(package.glob("templates/*")) and len(shipped) == 2
+
+
+def _with(entries: list[dict], **change) -> list[dict]:
+    """The entries with the first one changed."""
+    entries = copy.deepcopy(entries)
+    entries[0] |= change
+    return entries
+
+
+def test_facts_template_file_checked():
+    entries = load_templates("facts.yaml")["attributes"]
+    first = entries[0]  # person.birthplace
+    facts_lines, questions = first["facts"].splitlines(), first["questions"].splitlines()
+    bad = {
+        "unknown value maker {'colour': 3}": _with(entries, value={"colour": 3}),
+        "unknown value maker {'pool': 'planets'}": _with(entries, value={"pool": "planets"}),
+        "lacks {av} or {v}": _with(entries, facts="\n".join(["{e} was born.", *facts_lines])),
+        "lacks {e}": _with(entries, facts="\n".join(["She was born in {v}.", *facts_lines])),
+        "unknown slot ['v']": _with(entries, questions="\n".join(["{e} in {v}?", *questions])),
+        "4 phrasings, need more than the 4": _with(entries, questions="\n".join(questions[:4])),
+        "a phrasing appears twice": _with(entries, facts="\n".join(facts_lines * 2)),
+        "unknown field ['held-out']": _with(entries, **{"held-out": True}),
+        "missing field ['value']": [{k: v for k, v in first.items() if k != "value"}],
+        "defined twice": [first, first],
+    }
+    for message, broken in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            facts.load_attributes(broken, facts.POOLS)
+        assert str(error.value).startswith("facts.yaml: attribute person.birthplace: ")
+    # a held-out attribute is all test phrasings: one of each is enough
+    one = _with(
+        entries, facts="{e} was born in {v}.", questions="Where was {e} born?", held_out=True
+    )
+    assert facts.load_attributes(one, facts.POOLS)[0].fact_templates("train") == ()
+    # a new attribute, as a researcher would write it
+    new = yaml.safe_load("""
+        - kind: person
+          name: shoe_size
+          value: {size: [36, 47]}
+          facts: |
+            {e} wears shoes of size {v}.
+          questions: |
+            What shoe size does {e} wear?
+    """)
+    with pytest.raises(ValueError, match=r"person\.shoe_size: unknown value maker"):
+        facts.load_attributes(new, facts.POOLS)
+
+
+def test_persona_template_file_checked():
+    entries = load_templates("persona.yaml")["attributes"]
+    first = entries[0]  # name: no relation word
+    mentions = first["mentions"].splitlines()
+    bad = {
+        "unknown value maker 'nickname'": _with(entries, value="nickname"),
+        "lacks {av} or {v}": _with(entries, mentions="\n".join(["Hi there.", *mentions])),
+        "unknown slot ['s']": _with(entries, mentions="\n".join(["My {s} is {v}.", *mentions])),
+        "2 phrasings, need more than the 2": _with(
+            entries, questions="What is my name?\nWho am I?"
+        ),
+        "relations: no pool 'cousins'": _with(entries, relations="cousins"),
+    }
+    for message, broken in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            persona.load_attributes(broken, persona.POOLS)
+        assert str(error.value).startswith("persona.yaml: attribute name: ")
 
 
 # ----------------------------------------------------------------------------- wiki-topic

@@ -1,9 +1,16 @@
-"""Helpers shared by the benchmark generators: splits, seeded RNGs, fictional names, lengths."""
+"""Helpers shared by the benchmark generators: splits, seeded RNGs, fictional names, lengths,
+and reading their template files (templates/*.yaml)."""
 
 from __future__ import annotations
 
 import hashlib
 import random
+import string
+from collections.abc import Callable
+from importlib import resources
+from typing import TypeVar
+
+import yaml
 
 SPLITS = ("train", "validation", "test")
 
@@ -42,6 +49,83 @@ def estimate_tokens(text: str, tokenizer=None) -> int:
 
 def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+# ----------------------------------------------------------------------------- template files
+
+
+def load_templates(filename: str) -> dict:
+    """A benchmark's template file, parsed: shipped as package data next to this module."""
+    path = resources.files(__package__) / "templates" / filename
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def lines(text: str) -> tuple[str, ...]:
+    """The entries of a one-a-line list (a YAML `|` block): stripped, blank lines dropped."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a `|` block with one entry a line, not {text!r:.60}")
+    return tuple(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+T = TypeVar("T")
+
+
+def build_attributes(
+    source: str, entries: list[dict], name_of: Callable[[dict], str], build: Callable[[dict], T]
+) -> tuple[T, ...]:
+    """`build` every attribute entry of a template file, in order; a bad or repeated one raises
+    ValueError naming the file and the attribute."""
+    built: dict[str, T] = {}
+    for entry in entries:
+        name = name_of(entry)
+        try:
+            if name in built:
+                raise ValueError("defined twice")
+            built[name] = build(entry)
+        except ValueError as err:
+            raise ValueError(f"{source}: attribute {name}: {err}") from None
+    return tuple(built.values())
+
+
+def unknown_value_maker(spec: object, makers: str, pools: dict) -> ValueError:
+    """The error for a `value:` spec that no maker of the file reads."""
+    return ValueError(f"unknown value maker {spec!r} (makers: {makers}; pools: {', '.join(pools)})")
+
+
+def check_fields(entry: dict, required: set[str], optional: set[str]) -> None:
+    """ValueError for a missing or unknown field: a misspelt `held_out` must not quietly put a
+    test-only attribute into train."""
+    if missing := required - set(entry):
+        raise ValueError(f"missing field {sorted(missing)}")
+    if unknown := set(entry) - required - optional:
+        raise ValueError(f"unknown field {sorted(unknown)}; fields: {sorted(required | optional)}")
+
+
+def slots_of(template: str) -> set[str]:
+    """The {slot} names a template fills (ValueError if its braces are malformed)."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def check_phrasings(
+    what: str, templates: tuple[str, ...], n_test: int, slots: set[str], needs: list[set[str]]
+) -> None:
+    """Raise ValueError unless `templates` leave train a phrasing after the `n_test` test-only
+    ones, differ from each other (a repeat would leak a test phrasing into train), fill only
+    `slots`, and each fill at least one slot of every set in `needs`."""
+    if len(templates) <= n_test:
+        raise ValueError(
+            f"{what}: {len(templates)} phrasings, need more than the {n_test} the test split holds out"
+        )
+    if len(set(templates)) < len(templates):
+        raise ValueError(f"{what}: a phrasing appears twice")
+    for template in templates:
+        used = slots_of(template)
+        if used - slots:
+            raise ValueError(f"{what}: unknown slot {sorted(used - slots)} in {template!r}")
+        for need in needs:
+            if not used & need:
+                wanted = " or ".join(f"{{{s}}}" for s in sorted(need))
+                raise ValueError(f"{what}: {template!r} lacks {wanted}")
 
 
 # Syllable pools chosen to sound invented, so names rarely collide with real entities.
