@@ -43,9 +43,58 @@ def strict_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
     return cls(**data)
 
 
+def _check_int(owner: str, name: str, value: Any, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        what = "a positive int" if least == 1 else f"an int >= {least}"
+        raise ValueError(f"{owner}.{name} must be {what}, got {value!r}")
+
+
+@dataclass
+class KeyConfig:
+    """How a context token's key is made: the research knobs of the write side.
+
+    Every option keeps reading exact streaming: windows never leave their chunk, which is read
+    in one forward, and the gate reads only the token's own features.
+    """
+
+    # keys from the mean feature of each token's last `window` tokens (1 = per-token keys).
+    # Values stay per token: a value at the end of "<subject> <relation> <value>" gets a key
+    # that still sees its subject.
+    window: int = 1
+    # keys also see the next `lookahead` tokens: a value stated before its relation
+    # ("<value> founded <org>") then gets a key that sees the relation too
+    lookahead: int = 0
+    # a learned per-token write gate 2 sigmoid(G . h_t) on each key (G = 0 at init: gate 1), so
+    # the state can keep the tokens that carry facts and drop the rest
+    gate: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("KeyConfig", "window", self.window, 1)
+        _check_int("KeyConfig", "lookahead", self.lookahead, 0)
+        if not isinstance(self.gate, bool):
+            raise ValueError(f"KeyConfig.gate must be a bool, got {self.gate!r}")
+
+
+# the flat names of KeyConfig's fields before it existed (saved generators, older YAML)
+LEGACY_KEY_FIELDS = {"key_window": "window", "key_lookahead": "lookahead", "key_gate": "gate"}
+
+
+def upgrade_legacy_fields(data: dict[str, Any], keys: KeyConfig | None = None) -> dict[str, Any]:
+    """Fold flat `key_*` fields (and a partial `keys` dict) into one `keys` KeyConfig."""
+    data = dict(data)
+    base = keys or KeyConfig()
+    given = data.pop("keys", None)
+    if isinstance(given, KeyConfig):
+        base, given = given, {}
+    updates = {LEGACY_KEY_FIELDS[k]: data.pop(k) for k in list(data) if k in LEGACY_KEY_FIELDS}
+    updates.update(given or {})
+    data["keys"] = dataclasses.replace(base, **updates) if updates else base
+    return data
+
+
 @dataclass
 class GeneratorConfig:
-    """Shape and behaviour of a generative adapter (see DESIGN.md for the math).
+    """Shape and behaviour of a generative adapter (docs/method.md has the math).
 
     layers: None or "all" for every decoder layer; "upper_half"; a slice "start:stop"
     (Python semantics, negatives allowed, e.g. "-10:"); or an explicit list of indices.
@@ -61,36 +110,19 @@ class GeneratorConfig:
     svd_top_k: int | None = None
     decay: float = 1.0
     chunk_len: int = 128
-    # keys from the mean feature of each token's last `key_window` tokens (its chunk only, so
-    # reading stays exact streaming); 1 = per-token keys. Values stay per token: a value written
-    # at the end of "<subject> <relation> <value>" gets a key that still sees its subject.
-    key_window: int = 1
-    # keys also see the next `key_lookahead` tokens of their chunk (the chunk is read in one
-    # forward, so streaming stays exact): a value stated before its relation ("<value> founded
-    # <org>") then gets a key that sees the relation too
-    key_lookahead: int = 0
-    # a learned per-token write gate 2 sigmoid(G . h_t) on each key (G = 0 at init: gate 1), so
-    # the state can keep the tokens that carry facts and drop the rest; streaming stays exact
-    key_gate: bool = False
+    keys: KeyConfig = field(default_factory=KeyConfig)
     dtype: str = "float32"
     init_std: float | None = None  # std of A, K, V; None = 1/sqrt(fan_in)
     base_model: str | None = None  # hub id or path of the frozen LM, recorded by from_base
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (training run, ...)
 
     def __post_init__(self) -> None:
-        for name, least in (
-            ("r", 1),
-            ("r_in", 1),
-            ("chunk_len", 1),
-            ("key_window", 1),
-            ("key_lookahead", 0),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                what = "a positive int" if least == 1 else f"an int >= {least}"
-                raise ValueError(f"GeneratorConfig.{name} must be {what}, got {value!r}")
-        if not isinstance(self.key_gate, bool):
-            raise ValueError(f"GeneratorConfig.key_gate must be a bool, got {self.key_gate!r}")
+        for name in ("r", "r_in", "chunk_len"):
+            _check_int("GeneratorConfig", name, getattr(self, name), 1)
+        if isinstance(self.keys, dict):
+            self.keys = strict_from_dict(KeyConfig, self.keys, "KeyConfig fields")
+        if not isinstance(self.keys, KeyConfig):
+            raise ValueError(f"GeneratorConfig.keys must be a KeyConfig, got {self.keys!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
@@ -109,6 +141,11 @@ class GeneratorConfig:
                 raise ValueError("target_modules must not be empty")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+
+    def replace(self, **changes: Any) -> GeneratorConfig:
+        """A copy with `changes`; `keys` may be a partial dict, the flat `key_*` names work too."""
+        changes = upgrade_legacy_fields(changes, self.keys)
+        return dataclasses.replace(self, **changes)
 
     @property
     def scaling(self) -> float:
@@ -156,7 +193,8 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeneratorConfig:
-        return strict_from_dict(cls, data, "GeneratorConfig fields")
+        """From `to_dict`'s output, or from a saved config of before KeyConfig (flat `key_*`)."""
+        return strict_from_dict(cls, upgrade_legacy_fields(data), "GeneratorConfig fields")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

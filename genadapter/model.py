@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,26 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .assets import load_base_model
+from .chunking import cut, pad
 from .config import GeneratorConfig
-from .generator import Generator, _decoder_layers, find_targets
+from .generator import Generator, LoRA, ModuleGenerator, Writes
 from .state import AdapterState, StateMismatchError
+from .targets import decoder_layers, find_targets
 
 CONFIG_NAME = "generator_config.json"
 WEIGHTS_NAME = "generator.safetensors"
 
 TextOrIds = str | Sequence[str] | Tensor | Sequence[Sequence[int]]
+
+
+def newly_neutral(saved: GeneratorConfig, config: GeneratorConfig) -> set[str]:
+    """Parameters `config` switches on that `saved` lacks and that start at a no-op."""
+    on = {p: bool(attrgetter(option)(config)) for p, option in ModuleGenerator.NEUTRAL.items()}
+    return {
+        p
+        for p, option in ModuleGenerator.NEUTRAL.items()
+        if on[p] and not attrgetter(option)(saved)
+    }
 
 
 class _HaveAllLayers(Exception):
@@ -48,7 +61,7 @@ class GenerativeAdapter(nn.Module):
         self.read_batch_tokens = 1024
         self._merged = False
         self._modules_by_name = dict(base_model.named_modules())
-        self._layers_name = _decoder_layers(base_model)[0]  # the ModuleList of decoder layers
+        self._layers_name = decoder_layers(base_model)[0]  # the ModuleList of decoder layers
         self.generator.to(self.device)
 
     # --- construction -----------------------------------------------------------------------
@@ -82,18 +95,18 @@ class GenerativeAdapter(nn.Module):
     ) -> GenerativeAdapter:
         """A trained generator; loads the base LM its config names unless one is passed.
 
-        `overrides` replace config fields, e.g. to fine-tune under another `normalization`, or
-        on a subset of the saved targets (`layers`, `target_modules`): the weights of the targets
-        left out are dropped; `key_gate=True` on an ungated generator adds open gates (G = 0).
-        Fields that change weight shapes (r, r_in) cannot be overridden."""
+        `overrides` replace config fields (`GeneratorConfig.replace`), e.g. to fine-tune under
+        another `normalization`, or on a subset of the saved targets (`layers`,
+        `target_modules`): the weights of the targets left out are dropped. An option whose
+        parameters start at a no-op (`keys={"gate": True}`: open gates, G = 0) may be switched
+        on. Fields that change weight shapes (r, r_in) cannot be overridden."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved generator")
-        config = GeneratorConfig.load(path / CONFIG_NAME)
+        saved = GeneratorConfig.load(path / CONFIG_NAME)
         if fixed := {"r", "r_in", "base_model"} & overrides.keys():
             raise ValueError(f"cannot override {sorted(fixed)} of a trained generator")
-        config_had_gate = config.key_gate
-        config = dataclasses.replace(config, **overrides)
+        config = saved.replace(**overrides)
         if base_model is None:
             if not config.base_model:
                 raise ValueError(f"{path} names no base model; pass base_model=")
@@ -101,29 +114,32 @@ class GenerativeAdapter(nn.Module):
         if isinstance(base_model, str):
             base_model, loaded_tok = load_base_model(base_model)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
-        ga = cls(
-            base_model,
-            Generator(config, find_targets(base_model, config), base_model.config.hidden_size),
-            tokenizer,
+        generator = Generator(
+            config, find_targets(base_model, config), base_model.config.hidden_size
         )
-        weights = load_file(str(path / WEIGHTS_NAME))
-        expected = ga.generator_state_dict()
-        missing = expected.keys() - weights.keys()
-        if overrides.get("key_gate") and not config_had_gate:  # a new gate starts open (G = 0)
-            missing = {k for k in missing if not k.endswith(".G")}
-        # only overriding the targets may leave saved weights unused
-        subset = {"layers", "target_modules"} & overrides.keys()
-        unexpected = set() if subset else weights.keys() - expected.keys()
+        ga = cls(base_model, generator, tokenizer)
+        subset = bool({"layers", "target_modules"} & overrides.keys())
+        ga._load_generator_weights(path / WEIGHTS_NAME, newly_neutral(saved, config), subset)
+        return ga
+
+    def _load_generator_weights(self, file: Path, may_miss: set[str], may_leave: bool) -> None:
+        """Copy saved weights in; only parameters in `may_miss` (a no-op at init) may be absent,
+        and only when `may_leave` (a subset of the targets) may saved weights go unused."""
+        weights = load_file(str(file))
+        expected = self.generator_state_dict()
+        missing = {
+            k for k in expected.keys() - weights.keys() if k.rsplit(".", 1)[1] not in may_miss
+        }
+        unexpected = set() if may_leave else weights.keys() - expected.keys()
         if missing or unexpected:
             raise ValueError(
-                f"{path / WEIGHTS_NAME} does not fit this base model and config: "
+                f"{file} does not fit this base model and config: "
                 f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         with torch.no_grad():
             for k, p in expected.items():
                 if k in weights:
                     p.copy_(weights[k])
-        return ga
 
     def generator_state_dict(self) -> dict[str, Tensor]:
         """Generator parameters keyed by the base-LM module they adapt: '<module>.<A|K|V|B|G>' (G: the write gate, if any)."""
@@ -270,6 +286,13 @@ class GenerativeAdapter(nn.Module):
             )
         return captured
 
+    def read_chunks(self, ids: Tensor, mask: Tensor, weight: Tensor | None = None) -> Writes:
+        """What chunks (b, C), right-padded, write: one frozen forward, then the generator.
+        `read` and every training objective read through here (`weight`: `Generator.write`)."""
+        hidden = self.context_features(ids, mask)
+        mask = mask.to(self.device)
+        return self.generator.write(hidden, mask, None if weight is None else weight.to(mask))
+
     def read(
         self,
         inputs: TextOrIds,
@@ -289,92 +312,81 @@ class GenerativeAdapter(nn.Module):
         gamma = self.config.decay if decay is None else float(decay)
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {gamma}")
-        C = self.config.chunk_len
         # every chunk of every row, with its row and how many chunks of that row follow it
         chunks, n_chunks = [], []
         for i, row in enumerate(rows):
-            pieces = [p for p in row.split(C) if len(p)]
+            pieces = cut(row, self.config.chunk_len)
             chunks += [(i, piece, len(pieces) - 1 - j) for j, piece in enumerate(pieces)]
             n_chunks.append(len(pieces))
         if not chunks:
             return state.clone()
-        n_chunks = torch.tensor(n_chunks, dtype=state.n.dtype)
-        row_decay = (gamma**n_chunks).to(self.device)
+        row_decay = (gamma ** torch.tensor(n_chunks, dtype=state.n.dtype)).to(self.device)
         S = {k: s * row_decay[:, None, None] for k, s in state.S.items()}
         n = state.n * row_decay
-        pad = 0
-        per_forward = self.chunk_batch_size or max(1, self.read_batch_tokens // C)
+        per_forward = self.chunk_batch_size or max(
+            1, self.read_batch_tokens // self.config.chunk_len
+        )
         for start in range(0, len(chunks), per_forward):
             batch = chunks[start : start + per_forward]
-            length = max(len(p) for _, p, _ in batch)
-            ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            mask = torch.zeros(len(batch), length, dtype=torch.long)
-            for j, (_, piece, _) in enumerate(
-                batch
-            ):  # right padding: causal attention never sees it
-                ids[j, : len(piece)] = piece
-                mask[j, : len(piece)] = 1
-            hidden = self.context_features(ids, mask)
-            mask = mask.to(self.device)
-            weight = torch.tensor(
-                [gamma**after for _, _, after in batch], dtype=state.n.dtype, device=self.device
-            )
+            writes = self.read_chunks(*pad([piece for _, piece, _ in batch]))
+            after = torch.tensor([after for _, _, after in batch], dtype=state.n.dtype)
+            weight = (gamma**after).to(self.device)
             row_idx = torch.tensor([i for i, _, _ in batch], device=self.device)
-            for k, dS in self.generator.statistics(hidden, mask).items():
+            for k, dS in writes.S.items():
                 S[k] = S[k].index_add(0, row_idx, dS * weight[:, None, None])
-            n = n.index_add(0, row_idx, mask.sum(1).to(n.dtype) * weight)
+            n = n.index_add(0, row_idx, writes.n * weight)
         return AdapterState(S, n, state.generator, state.config, dict(state.metadata))
 
     # --- the adapted model ------------------------------------------------------------------
     @contextlib.contextmanager
     def adapted(
-        self, state: AdapterState, queries: dict[str, Tensor] | None = None
-    ) -> Iterator[None]:
-        """Within the block, every forward of `base_model` uses the state (side path, per row).
+        self, state: AdapterState, keep_queries: bool = False
+    ) -> Iterator[dict[str, Tensor]]:
+        """Within the block, every forward of `base_model` uses the state (side path, per row):
+        each target's output gains (alpha/r) B N(S)^T A x, as the two small matmuls
+        (x lora_A^T)(scaling B^T), never the out x in dW.
 
-        With a `queries` dict, each target's last query A x (b, s, r_in) is stored under its
-        name: what the state's keys are matched against (for retrieval losses and probes)."""
+        Yields a dict that, with `keep_queries`, holds each target's last query A x (b, s, r_in)
+        after a forward: what the state's keys are matched against (for losses and probes)."""
         if self._merged:
             raise RuntimeError(
                 "a state is merged into the weights: call without state= inside merged()"
             )
         self.check_state(state)
+        queries: dict[str, Tensor] = {}
         if bool(state.is_empty().all()):
-            yield  # an empty state is exactly the base model
+            yield queries  # an empty state is exactly the base model
             return
-        scaling = self.config.scaling
-        N = self.generator.normalized(state.S, state.n)
-        # per row, M = N (alpha/r) B^T (b, r_in, out), made once: each call adds (x A^T) M
-        M = {name: self.generator[name].mixer(N[name], scaling) for name in self.generator.names}
+        lora = self.generator.lora(state.S, state.n)
         handles = []
-
-        def make_hook(name: str):
-            A = self.generator[name].A
-
-            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-                x, Mx = args[0], M[name]
-                if x.shape[0] != Mx.shape[0]:
-                    if x.shape[0] % Mx.shape[0]:
-                        raise ValueError(
-                            f"input batch {x.shape[0]} does not match state batch {Mx.shape[0]}"
-                        )
-                    Mx = Mx.repeat_interleave(x.shape[0] // Mx.shape[0], 0)  # generate's expansion
-                xa = F.linear(x.to(A.dtype), A)  # x A^T
-                if queries is not None:
-                    queries[name] = xa
-                if x.dim() == 3 and output.dtype == Mx.dtype:
-                    return torch.baddbmm(output, xa, Mx)  # output + (x A^T) M in one kernel
-                return output + (xa @ Mx).to(output.dtype)
-
-            return hook
-
         try:
             for name in self.generator.names:
-                handles.append(self._modules_by_name[name].register_forward_hook(make_hook(name)))
-            yield
+                hook = self._side_path(name, lora[name], queries if keep_queries else None)
+                handles.append(self._modules_by_name[name].register_forward_hook(hook))
+            yield queries
         finally:
             for h in handles:
                 h.remove()
+
+    def _side_path(self, name: str, lora: LoRA, queries: dict[str, Tensor] | None):
+        """The forward hook that adds one target's per-row LoRA to its output."""
+        B_scaled = lora.B.T * lora.scaling  # (r, out), shared by every row
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            x, A = args[0], lora.A
+            if x.shape[0] != A.shape[0]:
+                if x.shape[0] % A.shape[0]:
+                    raise ValueError(
+                        f"input batch {x.shape[0]} does not match state batch {A.shape[0]}"
+                    )
+                A = A.repeat_interleave(x.shape[0] // A.shape[0], 0)  # generate's expansion
+            x = x.to(A.dtype)
+            if queries is not None:
+                queries[name] = F.linear(x, self.generator[name].A)
+            xa = torch.bmm(x, A.transpose(1, 2))  # (b, s, r)
+            return output + (xa @ B_scaled).to(output.dtype)
+
+        return hook
 
     def forward(
         self,
@@ -460,20 +472,19 @@ class GenerativeAdapter(nn.Module):
         return texts[0] if single else texts
 
     # --- weights ----------------------------------------------------------------------------
-    def _row_lora(self, state: AdapterState, row: int | None) -> dict[str, tuple[Tensor, Tensor]]:
-        """{module name: (lora_A (1, r, in), lora_B (out, r))} of one state row."""
+    def lora(self, state: AdapterState, row: int | None = None) -> dict[str, LoRA]:
+        """{module name: LoRA} of one state row (`row` may be left out for a one-row state)."""
         self.check_state(state)
         if row is None:
             if state.batch_size != 1:
                 raise ValueError(f"state has {state.batch_size} rows: pass row=")
             row = 0
         one = state.select(row)
-        return self.generator.lora_weights(one.S, one.n)
+        return self.generator.lora(one.S, one.n)
 
     def delta_weights(self, state: AdapterState, row: int | None = None) -> dict[str, Tensor]:
         """{module name: dW (out x in, nn.Linear convention)} for one state row."""
-        lora = self._row_lora(state, row)
-        return {name: self.config.scaling * (B @ A[0]) for name, (A, B) in lora.items()}
+        return {name: lora.delta() for name, lora in self.lora(state, row).items()}
 
     @contextlib.contextmanager
     def merged(self, state: AdapterState, row: int | None = None) -> Iterator[GenerativeAdapter]:
@@ -481,15 +492,14 @@ class GenerativeAdapter(nn.Module):
         if self._merged:
             raise RuntimeError("already inside merged()")
         with torch.no_grad():
-            lora = self._row_lora(state, row)
+            lora = self.lora(state, row)
         saved: dict[str, Tensor] = {}
         try:
             with torch.no_grad():
                 for t in self.generator.targets:
                     weight = self._modules_by_name[t.name].weight
                     saved[t.name] = weight.detach().clone()
-                    A, B = lora[t.name]
-                    dW = self.config.scaling * (B @ A[0])  # as delta_weights, one at a time
+                    dW = lora[t.name].delta()  # one module at a time: never every dW at once
                     weight.add_((dW.T if t.transposed else dW).to(weight.dtype))  # Conv1D: in x out
             self._merged = True
             yield self
@@ -503,33 +513,27 @@ class GenerativeAdapter(nn.Module):
         """Write the generated adapter as a PEFT LoRA directory (`PeftModel.from_pretrained`)."""
         from peft import LoraConfig
 
-        self.check_state(state)
-        if row is None:
-            if state.batch_size != 1:
-                raise ValueError(f"state has {state.batch_size} rows: pass row=")
-            row = 0
-        one = state.select(row)
+        lora = self.lora(state, row)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        lora = self.generator.lora_weights(one.S, one.n)
         tensors = {}
-        for name, (A, B) in lora.items():
+        for name, (A, B, _) in lora.items():
             tensors[f"base_model.model.{name}.lora_A.weight"] = A[0].detach().contiguous().cpu()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().contiguous().cpu()
-        transposed = any(t.transposed for t in self.generator.targets)
         config = LoraConfig(
             r=self.config.r,
-            lora_alpha=self.config.alpha,
+            lora_alpha=self.config.alpha,  # PEFT's scaling alpha / r is Generator.lora's
             target_modules=self.generator.names,
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",
-            fan_in_fan_out=transposed,
+            fan_in_fan_out=any(t.transposed for t in self.generator.targets),
             base_model_name_or_path=self.config.base_model,
         )
         config.save_pretrained(str(path))
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        tokens = float(state.select(row or 0).n[0])
         (path / "genadapter.json").write_text(
-            json.dumps({"generator": state.generator, "tokens_read": float(one.n[0])}, indent=1)
+            json.dumps({"generator": state.generator, "tokens_read": tokens}, indent=1)
         )
         return path

@@ -20,7 +20,7 @@ def test_committed_generators_match_their_reference():
         for key, want in want_tensors.items():
             got = tensors[key].detach().cpu()
             assert got.dtype == want.dtype and got.shape == want.shape, (name, key)
-            if key == "argmax":
-                assert torch.equal(got, want), name
-            else:
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+            if key in ("n", "argmax", "S_first", "S_last"):  # the state itself: bit-exact
+                assert torch.equal(got, want), (name, key)
+            else:  # float32 logits through 30 layers: the LoRA form reassociates (x A'^T) B'^T
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=f"{name} {key}")

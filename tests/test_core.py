@@ -1,15 +1,18 @@
-"""The contract of DESIGN.md on tiny random Llama, Qwen2 and GPT-2 models."""
+"""The contract of docs/method.md on tiny random Llama, Qwen2 and GPT-2 models."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from conftest import VOCAB, randomize_generator, tiny_model
 
 from genadapter import AdapterState, GenerativeAdapter, GeneratorConfig, StateMismatchError
-from genadapter.generator import PolarFactor, normalize_state, rms_normalize
+from genadapter.config import KeyConfig
+from genadapter.generator import rms_normalize
+from genadapter.normalize import PolarFactor, normalize_state
 
 
 def make(arch: str, seed: int = 0, random: bool = True, **cfg) -> GenerativeAdapter:
@@ -58,7 +61,7 @@ def test_fresh_generator_changes_nothing(arch):
 # 3. exact streaming (also with windowed keys: the windows stay inside a chunk; and gates)
 @pytest.mark.parametrize("key_window,key_gate,ahead", [(1, False, 0), (3, True, 2)])
 def test_streaming_equalities(arch, key_window, key_gate, ahead):
-    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate, key_lookahead=ahead)
+    ga = make(arch, chunk_len=8, keys=KeyConfig(key_window, ahead, key_gate))
     doc = ids(1, 32)  # four chunks
     chunks = doc.split(8, dim=1)
     whole = ga.read(doc)
@@ -85,7 +88,7 @@ def test_streaming_equalities(arch, key_window, key_gate, ahead):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("key_window,key_gate,ahead", [(1, False, 0), (5, True, 3)])
 def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate, ahead):
-    ga = make(arch, chunk_len=8, key_window=key_window, key_gate=key_gate, key_lookahead=ahead)
+    ga = make(arch, chunk_len=8, keys=KeyConfig(key_window, ahead, key_gate))
     rows = [ids(1, n, seed=n)[0] for n in (5, 19, 12)]
     width = max(len(r) for r in rows)
     x = torch.zeros(len(rows), width, dtype=torch.long)
@@ -101,7 +104,7 @@ def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate, ahea
 
 @pytest.mark.parametrize("key_gate,ahead", [(False, 0), (True, 0), (True, 2)])
 def test_key_window_state_matches_float64_definition(arch, key_gate, ahead):
-    ga = make(arch, chunk_len=8, key_window=3, key_gate=key_gate, key_lookahead=ahead)
+    ga = make(arch, chunk_len=8, keys=KeyConfig(window=3, lookahead=ahead, gate=key_gate))
     doc = ids(1, 20)  # chunks of 8, 8 and 4 tokens, each read on its own
     state = ga.read(doc)
     expected = {}
@@ -128,15 +131,15 @@ def test_key_window_state_matches_float64_definition(arch, key_gate, ahead):
 
 
 def test_write_weights_scale_each_tokens_write_not_the_key_windows(arch):
-    ga = make(arch, chunk_len=12, key_window=3, key_gate=True)
+    ga = make(arch, chunk_len=12, keys=KeyConfig(window=3, gate=True))
     chunk = ids(2, 12)
     mask = torch.ones_like(chunk)
     mask[1, :4] = 0  # a left-padded row
     write = torch.rand(2, 12, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         hidden = ga.context_features(chunk, mask)
-        got = ga.generator.statistics(hidden, mask, write=write)
-        unweighted = ga.generator.statistics(hidden, mask)
+        got = ga.generator.write(hidden, mask, weight=write).S
+        unweighted = ga.generator.write(hidden, mask).S
         for t in ga.generator.targets:
             block = ga.generator[t.name]
             for b in range(2):
@@ -299,7 +302,7 @@ def test_from_pretrained_overrides(tmp_path):
         GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model, r=8)
     # gates added to an ungated generator start open: the same states and outputs
     gated = GenerativeAdapter.from_pretrained(
-        tmp_path / "gen", base_model=ga.base_model, key_gate=True
+        tmp_path / "gen", base_model=ga.base_model, keys={"gate": True}
     )
     assert all(
         torch.equal(gated.generator[n].G, torch.zeros_like(gated.generator[n].G))
@@ -309,13 +312,47 @@ def test_from_pretrained_overrides(tmp_path):
     assert_states_close(gated.read(x), ga.read(x), tol=1e-6)
     gated.save_pretrained(tmp_path / "gated")
     reloaded = GenerativeAdapter.from_pretrained(tmp_path / "gated", base_model=ga.base_model)
-    assert reloaded.config.key_gate and set(reloaded.generator_state_dict()) == set(
+    assert reloaded.config.keys.gate and set(reloaded.generator_state_dict()) == set(
         gated.generator_state_dict()
     )
-    with pytest.raises(ValueError, match="key_gate must be a bool"):
-        GeneratorConfig(key_gate="yes")
-    with pytest.raises(ValueError, match="key_lookahead must be an int >= 0"):
-        GeneratorConfig(key_lookahead=-1)
+    # a gated config whose weights lack the gate is a broken file, not an override
+    (tmp_path / "gen" / "generator_config.json").write_text(gated.config.to_json())
+    with pytest.raises(ValueError, match=r"missing \['.*\.G'"):
+        GenerativeAdapter.from_pretrained(tmp_path / "gen", base_model=ga.base_model)
+    with pytest.raises(ValueError, match="KeyConfig.gate must be a bool"):
+        GeneratorConfig(keys=KeyConfig(gate="yes"))
+    with pytest.raises(ValueError, match="KeyConfig.lookahead must be an int >= 0"):
+        GeneratorConfig(keys={"lookahead": -1})
+    with pytest.raises(ValueError, match="unknown KeyConfig fields \\['widow'\\]"):
+        GeneratorConfig(keys={"widow": 3})
+
+
+def test_flat_key_fields_of_older_configs_are_upgraded(tmp_path):
+    """Generators and YAML written before KeyConfig name its fields `key_window`,
+    `key_lookahead`, `key_gate`: they load into `keys`, and give the same fingerprint."""
+    flat = {
+        "r": 4,
+        "r_in": 6,
+        "chunk_len": 8,
+        "key_window": 3,
+        "key_lookahead": 2,
+        "key_gate": True,
+    }
+    config = GeneratorConfig.from_dict(flat)
+    assert config.keys == KeyConfig(window=3, lookahead=2, gate=True)
+    assert GeneratorConfig.from_json(config.to_json()) == config  # the new form round-trips
+    assert config.replace(key_window=5, keys={"gate": False}).keys == KeyConfig(5, 2, False)
+    assert GeneratorConfig.from_dict({"r": 4}).keys == KeyConfig()  # no key fields at all
+    with pytest.raises(ValueError, match="unknown GeneratorConfig fields \\['key_widow'\\]"):
+        GeneratorConfig.from_dict({"key_widow": 3})
+    ga = make("llama", keys=config.keys)
+    ga.save_pretrained(tmp_path / "new")
+    old = {k: v for k, v in ga.config.to_dict().items() if k != "keys"}
+    old.update(key_window=3, key_lookahead=2, key_gate=True)
+    (tmp_path / "new" / "generator_config.json").write_text(json.dumps(old))
+    loaded = GenerativeAdapter.from_pretrained(tmp_path / "new", base_model=ga.base_model)
+    assert loaded.config.keys == config.keys
+    assert loaded.generator.fingerprint() == ga.generator.fingerprint()
 
 
 # 9. base LM untouched by every public call, never requires grad; gradients reach the generator

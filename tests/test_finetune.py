@@ -13,6 +13,7 @@ import yaml
 from conftest import tiny_model
 
 from genadapter import GenerativeAdapter, GeneratorConfig
+from genadapter.config import KeyConfig
 from genadapter.data.episodes import QAEpisode
 from genadapter.eval.prompts import PromptFormat
 from genadapter.training.checkpoint_io import SafetensorsCheckpointIO
@@ -27,10 +28,11 @@ from genadapter.training.instruct_data import (
 )
 from genadapter.training.objectives import (
     answer_losses,
-    chunk_statistics,
+    chunk_writes,
     episode_state,
     token_losses,
 )
+from genadapter.training.probes import oracle_writes, probe_losses
 
 CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Perth"]
 JOBS = ["baker", "pilot", "nurse", "judge"]
@@ -88,7 +90,7 @@ def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) ->
         "run_dir": str(tmp_path / "run"),
         "model": {
             "base_model": str(tiny_dir),
-            "generator": {"r": 8, "r_in": 8, "chunk_len": 4, "key_gate": True},
+            "generator": {"r": 8, "r_in": 8, "chunk_len": 4, "keys": {"gate": True}},
             "lr": 0.01,
             "warmup_steps": 2,
             "decay_steps": 6,
@@ -182,8 +184,8 @@ def test_episode_state_equals_reading_the_context_with_read(tiny_dir):
     episodes = [read_episode(qa_episode(i)) for i in range(3)]
     encoded = [encode_episode(e, PromptFormat(tok), chunk_len=4) for e in episodes]
     batch = collate_episodes(encoded, [0, 0, 0], chunk_len=4, pad_id=0)
-    stats, counts = chunk_statistics(ga, batch["context_ids"], batch["context_mask"])
-    state = episode_state(ga, stats, counts, torch.arange(3))
+    writes = chunk_writes(ga, batch["context_ids"], batch["context_mask"])
+    state = episode_state(ga, writes, torch.arange(3))
     for e, episode in enumerate(episodes):
         reread = ga.new_state(1)
         for text in episode.context_texts():  # what the genadapter evaluation method does
@@ -240,7 +242,7 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = tiny_model("llama", vocab=len(tok), dtype=torch.float64)
-    cfg = GeneratorConfig(r=4, r_in=4, chunk_len=4, key_window=3, dtype="float64")
+    cfg = GeneratorConfig(r=4, r_in=4, chunk_len=4, keys=KeyConfig(window=3), dtype="float64")
     ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tok)
     for block in ga.generator.blocks.values():
         torch.nn.init.normal_(block.B)
@@ -261,7 +263,7 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
         assert stated >= (3 if row == 0 else 0)
         spelled = tok.decode(flat_ids[e, where]).replace(" ", "")
         assert spelled == answer.replace(" ", "") * stated
-    out = answer_losses(ga, batch, with_retrieval=True)
+    out = probe_losses(ga, batch, retrieval="softmax")
     assert out["retrieval_rows"].tolist() == [
         r for r, a in enumerate(answers) if a != "nobody at all"
     ]
@@ -317,11 +319,11 @@ def test_retrieval_loss_matches_a_float64_recomputation(tiny_dir):
     torch.testing.assert_close(out["retrieval_hit"].double(), expected_hits)
     expected_shares = torch.stack(shares).view(-1, n_targets).mean(1)
     torch.testing.assert_close(out["retrieval_share"], expected_shares.detach())
-    share = answer_losses(ga, batch, with_retrieval=True, retrieval_kind="share")
+    share = probe_losses(ga, batch, retrieval="share")
     expected_share_loss = -torch.stack(shares).log().mean().detach()
     torch.testing.assert_close(share["retrieval_loss"], expected_share_loss, rtol=1e-9, atol=1e-9)
-    with pytest.raises(ValueError, match="'softmax' or 'share'"):
-        answer_losses(ga, batch, with_retrieval=True, retrieval_kind="cosine")
+    with pytest.raises(ValueError, match="one of \\('softmax', 'share'\\)"):
+        probe_losses(ga, batch, retrieval="cosine")
     out["retrieval_loss"].backward()  # trains the match directly: K and A get gradients
     for block in ga.generator.blocks.values():
         assert block.K.grad.abs().sum() > 0 and block.A.grad.abs().sum() > 0
@@ -340,7 +342,9 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = tiny_model("llama", vocab=len(tok), dtype=torch.float64)
-    cfg = GeneratorConfig(r=4, r_in=4, chunk_len=4, key_window=2, key_gate=True, dtype="float64")
+    cfg = GeneratorConfig(
+        r=4, r_in=4, chunk_len=4, keys=KeyConfig(window=2, gate=True), dtype="float64"
+    )
     ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tok)
     for block in ga.generator.blocks.values():
         torch.nn.init.normal_(block.B)
@@ -349,12 +353,12 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
     raw[1]["context"].append("Person7 lives in Oslo.")  # a stated value nobody asks for
     encoded = [encode_episode(read_episode(d), PromptFormat(tok), chunk_len=4) for d in raw]
     batch = collate_episodes(encoded, [0, 0], chunk_len=4, pad_id=0)
-    out = answer_losses(ga, batch, oracle_writes="episode", with_gate=True)
+    out = probe_losses(ga, oracle_writes(batch, "episode"), gate=True)
     if oracle == "row":  # (the gate figures are those of "episode": one per row-episode here)
         out.update(
             {
                 k: v
-                for k, v in answer_losses(ga, batch, oracle_writes="row").items()
+                for k, v in answer_losses(ga, oracle_writes(batch, "row")).items()
                 if not k.startswith("gate")
             }
         )
@@ -421,20 +425,21 @@ def test_oracle_writes_state_holds_only_the_asked_answers(tiny_dir, oracle):
     assert out["gate_rows"].tolist() == [episodes.index(e) for e in (0, 1)]
     out["gate_loss"].backward()
     assert all(block.G.grad.abs().sum() > 0 for block in ga.generator.blocks.values())
-    with pytest.raises(ValueError, match="'episode', 'row' or None"):
-        answer_losses(ga, batch, oracle_writes="all")
-    with pytest.raises(ValueError, match="key_gate"):
-        answer_losses(
+    with pytest.raises(ValueError, match="one of \\('episode', 'row'\\) or None"):
+        oracle_writes(batch, "all")
+    with pytest.raises(ValueError, match="keys.gate"):
+        probe_losses(
             GenerativeAdapter.from_base(
                 model, GeneratorConfig(r=4, r_in=4, chunk_len=4), tokenizer=tok
             ),
             batch,
-            with_gate=True,
+            gate=True,
         )
     del batch["answer_context"]
-    for flag in ({"oracle_writes": oracle}, {"with_gate": True}):
-        with pytest.raises(ValueError, match="needs `answer_context`"):
-            answer_losses(ga, batch, **flag)
+    with pytest.raises(ValueError, match="needs `answer_context`"):
+        oracle_writes(batch, oracle)
+    with pytest.raises(ValueError, match="needs `answer_context`"):
+        probe_losses(ga, batch, gate=True)
 
 
 def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir, episode_files):
@@ -555,5 +560,5 @@ def test_finetune_bad_inputs(tmp_path, tiny_dir, episode_files, capsys):
     assert "episode file not found" in capsys.readouterr().err
     with pytest.raises(ValueError, match="retrieval_kind"):
         GeneratorFinetuning(base_model=str(tiny_dir), retrieval_kind="dot")
-    with pytest.raises(ValueError, match="key_gate: true"):
+    with pytest.raises(ValueError, match="keys.gate: true"):
         GeneratorFinetuning(base_model=str(tiny_dir), gate_weight=1.0)

@@ -42,7 +42,7 @@ def test_context_features_are_hf_hidden_states_and_stop_early(arch, layers):
         assert torch.equal(h, ref[layer])
     assert ran == list(range(max(ga.generator.layers)))  # the highest adapted layer never runs
     # statistics: sum over real tokens of (K rms(h))(V rms(h))^T, against float64
-    stats = ga.generator.statistics(feats, mask)
+    stats = ga.generator.write(feats, mask).S
     for t in ga.generator.targets:
         g = ga.generator[t.name]
         h = rms_normalize(ref[t.layer].double()) * mask[..., None]

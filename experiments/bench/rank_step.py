@@ -8,7 +8,7 @@ are run three ways, forward + backward through the all-layer generator:
 - full rows: every candidate as its own prompt + candidate row in one adapted pass (the direct
   way, and the reference the shared scores must equal);
 - shared prompt + retrieval: as training runs with `retrieval_weight` > 0 (the retrieval loss
-  of `objectives.retrieval_losses` on top of the ranking term).
+  of `probes.retrieval_losses` on top of the ranking term).
 Reported: seconds per step, each over "no ranking", and the largest score difference between
 shared and full rows (mean log-prob per candidate token).
 
@@ -27,12 +27,13 @@ from genadapter import GenerativeAdapter
 from genadapter.training.instruct_data import FinetuneDataModule, pad_rows
 from genadapter.training.objectives import (
     answer_losses,
-    chunk_statistics,
+    chunk_writes,
     episode_state,
     rank_candidates,
     row_losses,
     split_rows,
 )
+from genadapter.training.probes import probe_losses
 
 GENERATOR = common.ROOT / "experiments" / "pretrain" / "smollm2-wiki-all-generator"
 FACTS = common.ROOT / "data" / "benchmarks" / "facts" / "train.jsonl"
@@ -40,13 +41,13 @@ FACTS = common.ROOT / "data" / "benchmarks" / "facts" / "train.jsonl"
 
 def full_rows(ga: GenerativeAdapter, batch: dict) -> dict:
     """Answer and candidate rows each run in full (prompt included) in one adapted pass."""
-    stats, counts = chunk_statistics(ga, batch["context_ids"], batch["context_mask"])
+    writes = chunk_writes(ga, batch["context_ids"], batch["context_mask"])
     keys = ("input_ids", "attention_mask", "loss_mask")
     prompts, answers = split_rows(*(batch[k] for k in keys))
     cands = [ids[m] for ids, m in zip(batch["cand_ids"], batch["cand_mask"].bool(), strict=True)]
     owner = torch.cat([torch.arange(len(prompts)), batch["cand_row"]])
     rows = pad_rows([prompts[i].tolist() for i in owner], [c.tolist() for c in answers + cands], 0)
-    with ga.adapted(episode_state(ga, stats, counts, batch["row_episode"][owner])):
+    with ga.adapted(episode_state(ga, writes, batch["row_episode"][owner])):
         loss_sum, n_tok = row_losses(ga.base_model, *(rows[k] for k in keys))
     R = len(prompts)
     mean = loss_sum / n_tok.clamp(min=1)
@@ -85,7 +86,7 @@ def main() -> int:
         "no ranking": run(lambda b: answer_losses(ga, b, with_ranking=False)),
         "shared prompt": run(lambda b: answer_losses(ga, b)),
         "full rows": run(lambda b: full_rows(ga, b)),
-        "shared prompt + retrieval": run(lambda b: answer_losses(ga, b, with_retrieval=True)),
+        "shared prompt + retrieval": run(lambda b: probe_losses(ga, b, retrieval="softmax")),
     }
     times = common.interleaved(methods, reps)
     med = {k: common.median(v["total"]) / len(batches) for k, v in times.items()}

@@ -22,7 +22,7 @@ import sys
 import common
 import torch
 
-from genadapter.training.objectives import chunk_statistics, pretrain_losses
+from genadapter.training.objectives import chunk_writes, pretrain_losses
 
 # (chunk_len C, chunks per document T, documents D, targets per document and objective)
 COMMITTED = (32, 8, 4, 3)  # experiments/pretrain/smollm2_wiki.yaml
@@ -67,7 +67,7 @@ def main() -> int:
 
         @torch.no_grad()
         def frozen(ids=ids, mask=mask):
-            chunk_statistics(ga, ids, mask)
+            chunk_writes(ga, ids, mask)
 
         methods = {"pretraining step": step, "forward+backward": plain, "frozen pass": frozen}
         tokens = ids.numel()

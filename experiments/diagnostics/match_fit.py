@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from genadapter.chunking import pad, real_chunks, scatter_chunks  # noqa: E402
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
@@ -59,17 +60,13 @@ def features(ga: GenerativeAdapter, batch: dict) -> tuple[dict[int, tuple], torc
     """{layer: (h, h̄)} (E, T*C, d) as the generator reads the contexts, and the context mask."""
     ids, mask = batch["context_ids"], batch["context_mask"]
     E, T, C = ids.shape
-    flat_ids, flat_mask = ids.view(E * T, C), mask.view(E * T, C)
-    real = flat_mask.any(1)
-    hidden = ga.context_features(flat_ids[real], flat_mask[real])
+    where = real_chunks(mask)  # each real chunk read alone, as `read` reads it
+    real_mask = mask.flatten(0, 1)[where]
+    hidden = ga.context_features(ids.flatten(0, 1)[where], real_mask)
     out = {}
     for layer in ga.generator.layers:
-        h, h_bar = ga.generator.features(hidden[layer], flat_mask[real])
-        full = [
-            h.new_zeros(E * T, C, h.shape[-1]).index_copy(0, real.nonzero()[:, 0], x)
-            for x in (h, h_bar)
-        ]
-        out[layer] = tuple(x.view(E, T * C, -1) for x in full)
+        pair = ga.generator.features(hidden[layer], real_mask)
+        out[layer] = tuple(scatter_chunks(x, where, E, T).flatten(1, 2) for x in pair)
     return out, mask.view(E, T * C).bool()
 
 
@@ -77,11 +74,8 @@ def queries(
     ga: GenerativeAdapter, prompts: list[list[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:
     """{target: its input x at each prompt's last token} in the base LM, (R, in)."""
-    lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-    attn = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    ids, attn = pad(prompts, pad_id=pad_id)
+    lengths = attn.sum(1)
     rows, last, out, handles = torch.arange(len(prompts)), lengths - 1, {}, []
     modules = dict(ga.base_model.named_modules())
     for name in ga.generator.names:
@@ -108,7 +102,7 @@ def collect(ga: GenerativeAdapter, fmt: PromptFormat, path: Path, n: int, every_
     cache = (
         path.parent
         / "probe"
-        / f"match-{path.stem}-{n}-w{c.key_window}a{c.key_lookahead}-{tag}.safetensors"
+        / f"match-{path.stem}-{n}-w{c.keys.window}a{c.keys.lookahead}-{tag}.safetensors"
     )
     if cache.exists():
         return load_file(cache)
@@ -291,7 +285,7 @@ def main() -> int:
         return 0
     torch.manual_seed(SEED)
     ga = GenerativeAdapter.from_pretrained(
-        args.init, key_window=args.key_window, key_lookahead=args.key_lookahead, key_gate=True
+        args.init, keys={"window": args.key_window, "lookahead": args.key_lookahead, "gate": True}
     )
     ga.eval()
     fmt = PromptFormat(ga.tokenizer)

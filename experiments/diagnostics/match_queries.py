@@ -2,7 +2,7 @@
 
 `match_fit.py` fits A on the base LM's module inputs. During tuning the queries are the inputs
 of the *adapted* model, which every earlier adapted layer moves. This reads 24 validation facts
-episodes with the fitted generator and reports the retrieval figures of `answer_losses` (hit and
+episodes with the fitted generator and reports the retrieval figures of `probes.probe_losses` (hit and
 share of the read-out, over every context token, and among the asked answers alone with
 `oracle_writes: episode`) with the pretrained B kept and with B = 0 (the adapted model is then
 the base LM, so the queries are exactly those fitted).
@@ -29,7 +29,7 @@ from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
 from genadapter.training.instruct_data import collate_episodes, encode_episode  # noqa: E402
-from genadapter.training.objectives import answer_losses  # noqa: E402
+from genadapter.training.probes import oracle_writes, probe_losses  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results" / "match_queries.json"
@@ -40,14 +40,8 @@ def retrieval(ga: GenerativeAdapter, batches: list[dict], oracle: str | None) ->
     hit, share = [], []
     with torch.no_grad():
         for batch in batches:
-            out = answer_losses(
-                ga,
-                batch,
-                with_ranking=False,
-                with_retrieval=True,
-                retrieval_kind="share",
-                oracle_writes=oracle,
-            )
+            batch = oracle_writes(batch, oracle) if oracle else batch
+            out = probe_losses(ga, batch, retrieval="share", with_ranking=False)
             hit.append(out["retrieval_hit"])
             share.append(out["retrieval_share"])
     return {"hit": torch.cat(hit).mean().item(), "share": torch.cat(share).mean().item()}

@@ -84,7 +84,7 @@ def main() -> int:
         return 0
     # the features and their cache are match_fit.py's: the same generator settings
     ga = GenerativeAdapter.from_pretrained(
-        args.init, key_window=16, key_lookahead=16, key_gate=True
+        args.init, keys={"window": 16, "lookahead": 16, "gate": True}
     )
     targets = {t.name: t for t in ga.generator.targets}
     unknown = sorted(set(args.targets) - set(targets))

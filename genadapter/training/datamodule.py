@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from genadapter.chunking import cut, pad_chunks
 from genadapter.data.corpus import file_documents, hub_documents, is_validation, wiki_documents
 
 
@@ -23,19 +23,12 @@ def cut_document(
     ids: list[int], chunk_len: int, max_chunks: int, min_chunks: int
 ) -> list[list[list[int]]]:
     """A tokenised document as training documents of at most max_chunks chunks each."""
-    chunks = [ids[i : i + chunk_len] for i in range(0, len(ids), chunk_len)]
-    pieces = [chunks[i : i + max_chunks] for i in range(0, len(chunks), max_chunks)]
+    pieces = cut(cut(ids, chunk_len), max_chunks)
     return [p for p in pieces if len(p) >= min_chunks]
 
 
 def collate(docs: list[list[list[int]]], chunk_len: int, pad_id: int = 0) -> dict[str, Tensor]:
-    T = max(len(d) for d in docs)
-    ids = torch.full((len(docs), T, chunk_len), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for d, doc in enumerate(docs):
-        for t, chunk in enumerate(doc):
-            ids[d, t, : len(chunk)] = torch.tensor(chunk)
-            mask[d, t, : len(chunk)] = 1
+    ids, mask = pad_chunks(docs, chunk_len, pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 

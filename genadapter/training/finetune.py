@@ -14,12 +14,12 @@ Validation reports, per task, the answer NLL with no context (`loss_base`), with
 candidates `choice` (how often the gold answer ranks first under the state), and
 `retrieval_hit` / `retrieval_share` (how often a target's best-matching context token is an
 answer token / the answer tokens' share of the linear read-out's weights).
-With a write gate (`key_gate`), validation also reports `gate_on` / `gate_off`, the mean gate on
+With a write gate (`keys.gate`), validation also reports `gate_on` / `gate_off`, the mean gate on
 the tokens that spell an asked answer / on the others, and `gate_weight` > 0 trains the gates on
 that split directly (`gate_losses`).
 `oracle_writes` (a diagnostic, "episode" or "row"): only the context tokens that spell an asked
-answer write into the state (`answer_losses`), which tells the read-out's selection apart from
-the LM's decoding of it.
+answer write into the state (`probes.oracle_writes`), which tells the read-out's selection apart from
+the LM's decoding of it. The probes and their losses live in `probes.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from genadapter.training.module import GeneratorPretraining, batch_key
-from genadapter.training.objectives import answer_losses, pretrain_losses, row_losses
+from genadapter.training.objectives import pretrain_losses, row_losses
+from genadapter.training.probes import ORACLE_MODES, RETRIEVAL_KINDS, oracle_writes, probe_losses
 
 
 class GeneratorFinetuning(GeneratorPretraining):
@@ -44,10 +45,25 @@ class GeneratorFinetuning(GeneratorPretraining):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)  # its save_hyperparameters() records ours too
-        if retrieval_kind not in ("softmax", "share"):
-            raise ValueError(f"retrieval_kind must be 'softmax' or 'share', got {retrieval_kind!r}")
-        if gate_weight > 0 and not self.ga.config.key_gate:
-            raise ValueError("gate_weight > 0 needs a generator with a write gate (key_gate: true)")
+        if retrieval_kind not in RETRIEVAL_KINDS:
+            raise ValueError(
+                f"retrieval_kind must be one of {RETRIEVAL_KINDS}, got {retrieval_kind!r}"
+            )
+        if oracle_writes not in (None, *ORACLE_MODES):
+            raise ValueError(
+                f"oracle_writes must be one of {ORACLE_MODES} or None, got {oracle_writes!r}"
+            )
+        if gate_weight > 0 and not self.ga.config.keys.gate:
+            raise ValueError(
+                "gate_weight > 0 needs a generator with a write gate (keys.gate: true)"
+            )
+
+    def _answer_pass(self, batch: dict[str, torch.Tensor], **kwargs) -> dict:
+        """The answer losses with the probes these settings ask for (oracle writes applied)."""
+        h = self.hparams
+        if h.oracle_writes:
+            batch = oracle_writes(batch, h.oracle_writes)
+        return probe_losses(self.ga, batch, **kwargs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if "context_ids" not in batch:  # a pretraining batch
@@ -63,14 +79,11 @@ class GeneratorFinetuning(GeneratorPretraining):
             self.log("train/lm_loss", out["loss"], batch_size=batch["input_ids"].shape[0])
             return self.hparams.lm_weight * out["loss"]
         h, n = self.hparams, len(batch["row_task"])
-        out = answer_losses(
-            self.ga,
+        out = self._answer_pass(
             batch,
             with_ranking=h.rank_weight > 0,
-            with_retrieval=h.retrieval_weight > 0,
-            retrieval_kind=h.retrieval_kind,
-            oracle_writes=h.oracle_writes,
-            with_gate=h.gate_weight > 0 and "answer_context" in batch,
+            retrieval=h.retrieval_kind if h.retrieval_weight > 0 else None,
+            gate=h.gate_weight > 0 and "answer_context" in batch,
         )
         self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
         loss = out["loss"]
@@ -104,14 +117,9 @@ class GeneratorFinetuning(GeneratorPretraining):
             return  # gap_closed compares the three on the same rows: those whose prompt fits
         key = batch_key(batch, batch_idx)
         first = key not in self._references  # the frozen base's losses: computed once per batch
-        gated = self.ga.config.key_gate and "answer_context" in batch
-        out = answer_losses(
-            self.ga,
-            batch,
-            with_base=first,
-            with_retrieval=True,
-            oracle_writes=self.hparams.oracle_writes,
-            with_gate=gated,
+        gated = self.ga.config.keys.gate and "answer_context" in batch
+        out = self._answer_pass(
+            batch, with_base=first, retrieval=self.hparams.retrieval_kind, gate=gated
         )
         if first:
             s, n = row_losses(

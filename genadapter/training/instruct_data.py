@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
+from genadapter.chunking import cut, pad
 from genadapter.data.episodes import DemoEpisode, Episode, read_episodes
 from genadapter.eval.prompts import PromptFormat, join_context
 from genadapter.training.datamodule import ChunkedBatches, PretrainDataModule, collate
@@ -97,10 +98,9 @@ def encode_episode(
     rank_options: int = 0,
 ) -> EncodedEpisode:
     tok = fmt.tokenizer
-    chunks = []
+    chunks = []  # document by document, as `read` reads a stream
     for text in episode.context_texts():
-        ids = tok(text, add_special_tokens=False).input_ids
-        chunks += [ids[i : i + chunk_len] for i in range(0, len(ids), chunk_len)]
+        chunks += cut(tok(text, add_special_tokens=False).input_ids, chunk_len)
     pairs, candidates = question_answers(episode), question_candidates(episode, rank_options)
     if questions is not None:
         pairs, candidates = [pairs[i] for i in questions], [candidates[i] for i in questions]
@@ -122,13 +122,9 @@ def encode_episode(
 
 def pad_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> dict[str, Tensor]:
     """Right-padded prompt + answer rows; `loss_mask` marks the answer tokens."""
-    L = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    attn, loss = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        attn[i, : len(p) + len(a)] = 1
-        loss[i, len(p) : len(p) + len(a)] = 1
+    pairs = list(zip(prompts, answers, strict=True))
+    ids, attn = pad([p + a for p, a in pairs], pad_id=pad_id)
+    loss, _ = pad([[0] * len(p) + [1] * len(a) for p, a in pairs])
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 

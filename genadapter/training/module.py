@@ -77,7 +77,7 @@ class GeneratorPretraining(L.LightningModule):
             )
         else:
             cfg = (
-                GeneratorConfig(**generator)
+                GeneratorConfig.from_dict(generator)
                 if isinstance(generator, dict)
                 else (generator or GeneratorConfig())
             )

@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from genadapter import GenerativeAdapter  # noqa: E402
 from genadapter.data.episodes import read_episodes  # noqa: E402
-from genadapter.generator import rms_normalize  # noqa: E402
 from genadapter.training.export import export_checkpoint  # noqa: E402
 from genadapter.training.instruct_data import answer_positions  # noqa: E402
 
@@ -34,13 +33,9 @@ ROOT = HERE.parents[2]
 
 def token_gates(ga: GenerativeAdapter, ids: torch.Tensor) -> torch.Tensor:
     """Mean write gate over the generator's targets for each token of one chunk (1, t)."""
-    hidden = ga.context_features(ids, torch.ones_like(ids))
     with torch.no_grad():
-        gates = [
-            2 * torch.sigmoid(rms_normalize(hidden[t.layer][0]) @ ga.generator[t.name].G)
-            for t in ga.generator.targets
-        ]
-    return torch.stack(gates).mean(0)
+        logits = ga.read_chunks(ids, torch.ones_like(ids)).gate_logits
+    return torch.stack([2 * torch.sigmoid(z[0]) for z in logits.values()]).mean(0)
 
 
 def main() -> int:
@@ -54,8 +49,8 @@ def main() -> int:
         if path.is_file():
             path = export_checkpoint(path, Path(tmp) / "generator")
         ga = GenerativeAdapter.from_pretrained(path)
-    if not ga.config.key_gate:
-        raise SystemExit(f"{args.ckpt}: this generator has no write gate (key_gate is off)")
+    if not ga.config.keys.gate:
+        raise SystemExit(f"{args.ckpt}: this generator has no write gate (keys.gate is off)")
     episodes = read_episodes(ROOT / "data/benchmarks/facts/validation.jsonl")[0][: args.episodes]
     asked, other, shown = [], [], None
     for episode in episodes:

@@ -3,7 +3,7 @@
     python experiments/finetune/ablations/retrieval_figures.py
 
 The runs with a retrieval loss log `retrieval_hit` / `retrieval_share` in validation; this
-measures the same two figures (objectives.retrieval_losses) on the same 24 held-out facts
+measures the same two figures (probes.retrieval_losses) on the same 24 held-out facts
 episodes for the generators that never saw that loss: the pretrained starting point, the
 120-step reference run (if runs/ablation-ft-base exists) and instruction-tuning run 2 (800
 steps). Does the answer + ranking loss alone teach the question to find its answer's tokens?
@@ -22,7 +22,7 @@ import yaml
 from genadapter import GenerativeAdapter
 from genadapter.training.export import export_checkpoint
 from genadapter.training.instruct_data import FinetuneDataModule
-from genadapter.training.objectives import answer_losses
+from genadapter.training.probes import probe_losses
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[2]
@@ -32,7 +32,7 @@ def figures(ga: GenerativeAdapter, batches: list[dict]) -> dict[str, float]:
     hit, share, n = 0.0, 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            out = answer_losses(ga, batch, with_ranking=False, with_retrieval=True)
+            out = probe_losses(ga, batch, retrieval="softmax", with_ranking=False)
             hit += out["retrieval_hit"].sum().item()
             share += out["retrieval_share"].sum().item()
             n += len(out["retrieval_hit"])
