@@ -38,62 +38,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
+def load_adapter(generator: Path):
+    """The trained generator, or a fresh one (B = 0: its answers are the base model's)."""
     from genadapter import GenerativeAdapter, GeneratorConfig
-    from genadapter.assets import DEFAULT_MODEL, load_wiki_summaries
-    from genadapter.data.benchmarks import make_facts
-    from genadapter.eval.methods import make_method
-    from genadapter.eval.metrics import squad_scores
+    from genadapter.assets import DEFAULT_MODEL
 
-    console = Console()
-    t0 = time.perf_counter()
-    if (args.generator / "generator_config.json").is_file():
-        ga = GenerativeAdapter.from_pretrained(args.generator)
-        what = f"generator {args.generator}"
-    else:
-        ga = GenerativeAdapter.from_base(
-            DEFAULT_MODEL, GeneratorConfig(r=32, r_in=32, layers="-10:", chunk_len=32)
-        )
-        what = (
-            "a FRESH generator (no trained one found): B = 0, so genadapter answers = base answers"
-        )
-    console.print(
-        f"[bold]genadapter demo[/]: {DEFAULT_MODEL} + {what} (loaded in {time.perf_counter() - t0:.1f}s)"
-    )
+    if (generator / "generator_config.json").is_file():
+        return GenerativeAdapter.from_pretrained(generator), f"generator {generator}"
+    config = GeneratorConfig(r=32, r_in=32, layers="-10:", chunk_len=32)
+    what = "a FRESH generator (no trained one found): B = 0, so genadapter answers = base answers"
+    return GenerativeAdapter.from_base(DEFAULT_MODEL, config), what
 
-    episode = make_facts(
-        "test", 1, docs_per_episode=args.fact_docs, seed=args.seed, n_questions=args.questions
-    )[0]
-    wiki = random.Random(args.seed).sample(load_wiki_summaries(), args.wiki_docs)
+
+def fact_stream(episode, n_wiki: int, seed: int) -> list[str]:
+    """Wikipedia summaries with the episode's fact documents spread evenly among them."""
+    from genadapter.assets import load_wiki_summaries
+
+    wiki = random.Random(seed).sample(load_wiki_summaries(), n_wiki)
     stream = [f"{w['title']}: {w['extract']}" for w in wiki]
-    for i, doc in enumerate(episode.context):  # the facts hide among the summaries
+    for i, doc in enumerate(episode.context):
         stream.insert(
             min(len(stream), (i + 1) * len(stream) // (len(episode.context) + 1) + i), doc
         )
+    return stream
 
-    methods = {
-        name: make_method(
-            name, ga.base_model, ga.tokenizer, ga=ga, max_new_tokens=args.max_new_tokens
-        )
-        for name in ("base", "prompt", "genadapter")
-    }
-    handles, cost = {}, Table(title=f"adapting to a stream of {len(stream)} documents")
-    for col in ("method", "adapt time", "memory for the context", "context tokens"):
-        cost.add_column(col, justify="right")
-    n_tokens = sum(len(ga.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in stream)
-    with torch.no_grad():
-        for name, method in methods.items():
-            t = time.perf_counter()
-            handles[name] = method.adapt(stream)
-            handles[name].stats["adapt_seconds"] = time.perf_counter() - t
-    answers = Table(title="questions about the fictional documents", show_lines=True)
-    answers.add_column("question / gold")
-    for name in methods:
-        answers.add_column(name)
-    totals = {name: [0.0, 0.0, 0.0] for name in methods}  # F1, answer NLL, seconds
-    for qa in episode.qas:
+
+def answer_table(handles: dict, qas: list) -> tuple[Table, dict[str, list[float]]]:
+    """Each method's answer, F1, answer NLL and time per question, and their means."""
+    from genadapter.eval.metrics import squad_scores
+
+    table = Table(title="questions about the fictional documents", show_lines=True)
+    table.add_column("question / gold")
+    for name in handles:
+        table.add_column(name)
+    totals = {name: [0.0, 0.0, 0.0] for name in handles}  # F1, answer NLL, seconds
+    for qa in qas:
         cells = []
         for name, h in handles.items():
             t = time.perf_counter()
@@ -106,30 +85,68 @@ def run(args: argparse.Namespace) -> int:
             dt = time.perf_counter() - t
             f1 = squad_scores(text, qa.answers)["f1"]
             for k, v in enumerate((f1, nll, dt)):
-                totals[name][k] += v / len(episode.qas)
+                totals[name][k] += v / len(qas)
             cells.append(f"{text}\n[dim]F1 {f1:.2f} · answer NLL {nll:.2f} · {dt:.1f}s[/]")
-        answers.add_row(f"{qa.question}\n[green]{qa.answers[0]}[/]", *cells)
-    console.print(answers)
+        table.add_row(f"{qa.question}\n[green]{qa.answers[0]}[/]", *cells)
+    return table, totals
+
+
+def cost_table(handles: dict, n_docs: int, n_tokens: int) -> Table:
+    table = Table(title=f"adapting to a stream of {n_docs} documents")
+    for col in ("method", "adapt time", "memory for the context", "context tokens"):
+        table.add_column(col, justify="right")
     for name, h in handles.items():
         s = h.stats
-        memory = (
-            f"state {s.get('state_bytes', 0):,} B"
-            if name == "genadapter"
-            else f"KV cache {s.get('kv_cache_bytes', 0):,} B"
-        )
-        cost.add_row(
-            name,
-            f"{s['adapt_seconds']:.1f}s",
-            memory if name != "base" else "-",
-            str(n_tokens) if name != "base" else "0",
-        )
-    console.print(cost)
-    summary = Table(title="means over the questions")
+        if name == "base":
+            memory, tokens = "-", "0"
+        elif name == "genadapter":
+            memory, tokens = f"state {s.get('state_bytes', 0):,} B", str(n_tokens)
+        else:
+            memory, tokens = f"KV cache {s.get('kv_cache_bytes', 0):,} B", str(n_tokens)
+        table.add_row(name, f"{s['adapt_seconds']:.1f}s", memory, tokens)
+    return table
+
+
+def summary_table(totals: dict[str, list[float]]) -> Table:
+    table = Table(title="means over the questions")
     for col in ("method", "F1", "answer NLL (nats/token)", "answer time"):
-        summary.add_column(col, justify="right")
+        table.add_column(col, justify="right")
     for name, (f1, nll, dt) in totals.items():
-        summary.add_row(name, f"{f1:.2f}", f"{nll:.2f}", f"{dt:.1f}s")
-    console.print(summary)
+        table.add_row(name, f"{f1:.2f}", f"{nll:.2f}", f"{dt:.1f}s")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from genadapter.assets import DEFAULT_MODEL
+    from genadapter.data.benchmarks import make_facts
+    from genadapter.eval.methods import make_method
+
+    console = Console()
+    t0 = time.perf_counter()
+    ga, what = load_adapter(args.generator)
+    console.print(
+        f"[bold]genadapter demo[/]: {DEFAULT_MODEL} + {what} (loaded in {time.perf_counter() - t0:.1f}s)"
+    )
+    episode = make_facts(
+        "test", 1, docs_per_episode=args.fact_docs, seed=args.seed, n_questions=args.questions
+    )[0]
+    stream = fact_stream(episode, args.wiki_docs, args.seed)
+    handles = {}
+    with torch.no_grad():
+        for name in ("base", "prompt", "genadapter"):
+            method = make_method(
+                name, ga.base_model, ga.tokenizer, ga=ga, max_new_tokens=args.max_new_tokens
+            )
+            t = time.perf_counter()
+            handles[name] = method.adapt(stream)
+            handles[name].stats["adapt_seconds"] = time.perf_counter() - t
+    answers, totals = answer_table(handles, episode.qas)
+    console.print(answers)
+    n_tokens = sum(len(ga.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in stream)
+    console.print(cost_table(handles, len(stream), n_tokens))
+    console.print(summary_table(totals))
     console.print(
         "[dim]answer NLL: teacher-forced loss of the gold answer; lower means the knowledge got in, "
         "even when the wording of a small model's free answer is off.[/]"

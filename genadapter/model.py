@@ -418,6 +418,27 @@ class GenerativeAdapter(nn.Module):
         return self._check_ids(ids).to(self.device)
 
     @torch.no_grad()
+    def encode_prompts(self, texts: list[str], chat: bool = False) -> tuple[Tensor, Tensor]:
+        """Left-padded (ids, attention_mask) on the device; with chat=True each text is wrapped
+        as a user turn in the tokenizer's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("this adapter has no tokenizer: pass token ids")
+        if chat:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+                )
+                for t in texts
+            ]
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            enc = self.tokenizer(
+                texts, return_tensors="pt", padding=True, add_special_tokens=not chat
+            )
+        finally:
+            self.tokenizer.padding_side = side
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
     def generate(
         self,
         prompt: str | Sequence[str] | Tensor,
@@ -435,24 +456,7 @@ class GenerativeAdapter(nn.Module):
         if isinstance(prompt, Tensor):
             ids, mask = self._as_batch(prompt), None
         else:
-            if self.tokenizer is None:
-                raise ValueError("this adapter has no tokenizer: pass token ids")
-            texts = [prompt] if single else list(prompt)
-            if chat:
-                texts = [
-                    self.tokenizer.apply_chat_template(
-                        [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-                    )
-                    for t in texts
-                ]
-            side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
-            try:
-                enc = self.tokenizer(
-                    texts, return_tensors="pt", padding=True, add_special_tokens=not chat
-                )
-            finally:
-                self.tokenizer.padding_side = side
-            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            ids, mask = self.encode_prompts([prompt] if single else list(prompt), chat)
         kwargs.setdefault("do_sample", False)
         pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
         kwargs.setdefault(

@@ -245,6 +245,25 @@ def git_commit() -> str | None:
         return None
 
 
+def evaluate_pair(
+    method, episode, config: EvalConfig, problems: list[str], label: str
+) -> dict[str, Any]:
+    """One (method, episode) record; a failure is recorded, not raised (one bad pair must not
+    sink the run), except a base model changed by test-time training."""
+    try:
+        return evaluate_episode(method, episode, config.task, config.max_questions)
+    except DoesNotFit as e:
+        return {"status": "does not fit", "reason": str(e)}
+    except OverBudget as e:
+        return {"status": "over budget", "reason": str(e)}
+    except BaseModelChanged:
+        raise
+    except Exception as e:
+        rec = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+        problems.append(f"{label}: {rec['reason']}")
+        return rec
+
+
 def run_eval(
     config: EvalConfig, model=None, tokenizer=None, ga=None, progress: bool = True
 ) -> dict[str, Any]:
@@ -273,30 +292,17 @@ def run_eval(
     for name, method in methods.items():
         for source, episode in pairs:
             bar.set_postfix_str(f"{name} {episode.id}")
-            ids = tokenizer(join_context(episode.context_texts()), add_special_tokens=False)
-            base = {
-                "method": name,
-                "episode": episode.id,
-                "source": source,
-                "context_tokens": len(ids.input_ids),
-            }
+            n_tokens = len(
+                tokenizer(join_context(episode.context_texts()), add_special_tokens=False).input_ids
+            )
+            base = {"method": name, "episode": episode.id, "source": source}
+            base["context_tokens"] = n_tokens
             earlier = reusable.get((name, source, episode.id))
-            if earlier is not None and earlier["context_tokens"] == base["context_tokens"]:
+            if earlier is not None and earlier["context_tokens"] == n_tokens:
                 records.append(earlier)  # the same episode text, as far as its length tells
-                bar.update()
-                continue
-            try:
-                rec = evaluate_episode(method, episode, config.task, config.max_questions)
-            except DoesNotFit as e:
-                rec = {"status": "does not fit", "reason": str(e)}
-            except OverBudget as e:
-                rec = {"status": "over budget", "reason": str(e)}
-            except BaseModelChanged:
-                raise
-            except Exception as e:  # one bad pair must not sink the run
-                rec = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-                problems.append(f"{name} on {episode.id}: {rec['reason']}")
-            records.append({**base, **rec})
+            else:
+                rec = evaluate_pair(method, episode, config, problems, f"{name} on {episode.id}")
+                records.append({**base, **rec})
             bar.update()
     bar.close()
     generator: str | dict = "n/a"

@@ -88,33 +88,56 @@ class Display:
         self.bar.close()
 
 
-@cli_errors
-def run(args: argparse.Namespace) -> int:
+def check_arguments(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.checkpoint_every < 0:
         raise CLIError("--batch-size must be >= 1 and --checkpoint-every >= 0")
     if args.chunk_len is not None and args.chunk_len < 1:
         raise CLIError("--chunk-len must be >= 1")
     if args.decay is not None and not 0.0 < args.decay <= 1.0:
         raise CLIError(f"--decay must be in (0, 1], got {args.decay}")
-    ga = load_adapter(args)
-    if ga.tokenizer is None:
-        raise CLIError("the base LM has no tokenizer: cannot read text")
-    if args.chunk_len is not None:
-        ga.config.chunk_len = (
-            args.chunk_len
-        )  # how text is cut; the generator's identity is unchanged
-    state = load_state(args.state, ga, missing_ok=True)
-    key = source_key(args.input, args.dataset, args.split, args.fmt, args.dataset_config)
+
+
+def start_position(args: argparse.Namespace, state: AdapterState, key: str) -> int:
+    """How many records of the source to skip: those already read, with --resume only."""
     done = source_progress(state.metadata, key)["position"]
-    skip = done if args.resume else 0
     if args.resume:
-        print(f"resuming {key} after {skip} records", file=sys.stderr)
-    elif done:
+        print(f"resuming {key} after {done} records", file=sys.stderr)
+        return done
+    if done:
         print(
             f"note: {args.state} already read {done} records of {key}; reading it again from "
             "the start (use --resume to continue instead)",
             file=sys.stderr,
         )
+    return 0
+
+
+def print_summary(args: argparse.Namespace, reader: StreamReader, stopped_by: str | None) -> None:
+    stats = reader.stats
+    skipped = sum(stats.skipped.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items()))
+    print(
+        f"read {stats.documents:,} documents, {stats.tokens:,} tokens "
+        f"({stats.tokens_per_s:,.0f} tokens/s); skipped {skipped}"
+        + (f" ({reasons})" if reasons else ""),
+        file=sys.stderr,
+    )
+    if stopped_by:
+        print(f"stopped by {stopped_by}: state saved", file=sys.stderr)
+    print(f"{args.state}: {describe(reader.committed)}", file=sys.stderr)
+
+
+@cli_errors
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    ga = load_adapter(args)
+    if ga.tokenizer is None:
+        raise CLIError("the base LM has no tokenizer: cannot read text")
+    if args.chunk_len is not None:  # how text is cut; the generator's identity is unchanged
+        ga.config.chunk_len = args.chunk_len
+    state = load_state(args.state, ga, missing_ok=True)
+    key = source_key(args.input, args.dataset, args.split, args.fmt, args.dataset_config)
+    skip = start_position(args, state, key)
     source = open_source(
         args.input,
         args.dataset,
@@ -151,16 +174,5 @@ def run(args: argparse.Namespace) -> int:
         finally:
             display.close()
         checkpointer.save(reader.committed, reader.stats.documents)  # signals: flag only here
-    stats = reader.stats
-    skipped = sum(stats.skipped.values())
-    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items()))
-    print(
-        f"read {stats.documents:,} documents, {stats.tokens:,} tokens "
-        f"({stats.tokens_per_s:,.0f} tokens/s); skipped {skipped}"
-        + (f" ({reasons})" if reasons else ""),
-        file=sys.stderr,
-    )
-    if stop.requested:
-        print(f"stopped by {stop.requested}: state saved", file=sys.stderr)
-    print(f"{args.state}: {describe(reader.committed)}", file=sys.stderr)
+    print_summary(args, reader, stop.requested)
     return 0
