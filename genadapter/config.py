@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 NORMALIZATIONS = ("frobenius", "svd", "none")
+MEMORIES = ("linear", "ridge")  # genadapter/memory.py
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 # Default targets per architecture: the two linears that write into the residual stream
@@ -67,12 +68,16 @@ class KeyConfig:
     # a learned per-token write gate 2 sigmoid(G . h_t) on each key (G = 0 at init: gate 1), so
     # the state can keep the tokens that carry facts and drop the rest
     gate: bool = False
+    # keys of unit length (before the gate): a least-squares memory then weighs every written
+    # token alike. Queries stay A x: normalising them would make dW depend on x (not a LoRA).
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         _check_int("KeyConfig", "window", self.window, 1)
         _check_int("KeyConfig", "lookahead", self.lookahead, 0)
-        if not isinstance(self.gate, bool):
-            raise ValueError(f"KeyConfig.gate must be a bool, got {self.gate!r}")
+        for name in ("gate", "normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KeyConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
 # the flat names of KeyConfig's fields before it existed (saved generators, older YAML)
@@ -111,6 +116,11 @@ class GeneratorConfig:
     decay: float = 1.0
     chunk_len: int = 128
     keys: KeyConfig = field(default_factory=KeyConfig)
+    # what the state stores and how it is read out (genadapter/memory.py): "linear" sums
+    # k_t v_t^T; "ridge" also keeps H = sum_t k_t k_t^T and solves (H + lam_bar I)^-1 G
+    memory: str = "linear"
+    ridge_lambda: float = 0.01  # lam, relative to tr(H) / r_in
+    ridge_learned: bool = False  # lam learned per target (starting at ridge_lambda)
     dtype: str = "float32"
     init_std: float | None = None  # std of A, K, V; None = 1/sqrt(fan_in)
     base_model: str | None = None  # hub id or path of the frozen LM, recorded by from_base
@@ -123,6 +133,10 @@ class GeneratorConfig:
             self.keys = strict_from_dict(KeyConfig, self.keys, "KeyConfig fields")
         if not isinstance(self.keys, KeyConfig):
             raise ValueError(f"GeneratorConfig.keys must be a KeyConfig, got {self.keys!r}")
+        if self.memory not in MEMORIES:
+            raise ValueError(f"memory must be one of {MEMORIES}, got {self.memory!r}")
+        if not float(self.ridge_lambda) > 0.0:
+            raise ValueError(f"ridge_lambda must be > 0, got {self.ridge_lambda}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"

@@ -7,7 +7,8 @@ For a target module with frozen weight W (out x in) in decoder layer l (docs/met
     k_t = g_t K h̄_t,  g_t = 2 sigmoid(G . h_t) (1 without a gate)          (keys)
     v_t = V h_t                                                            (values)
     S   = sum_t k_t v_t^T               the state, r_in x r                (Writes.S)
-    dW  = (alpha / r) B N(S)^T A        a LoRA: lora_A = N(S)^T A, lora_B = B   (Generator.lora)
+          ("ridge" memory: [G | H], H = sum_t k_t k_t^T, read out as M = (H + lam_bar I)^-1 G)
+    dW  = (alpha / r) B N(M)^T A        a LoRA: lora_A = N(M)^T A, lora_B = B   (Generator.lora)
 
 `Generator` holds every trainable parameter of the system and nothing else.
 """
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import memory
 from .config import GeneratorConfig
 from .normalize import normalize_state
 from .targets import Target
@@ -72,17 +74,18 @@ class Writes:
 
 class ModuleGenerator(nn.Module):
     """Projections of one target module: A (r_in x in), K (r_in x d), V (r x d), B (out x r),
-    and with a write gate G (d)."""
+    with a write gate G (d), and with a learned ridge lambda its log, `log_lambda`."""
 
-    # parameters that start at a no-op (a new gate is open: G = 0), so a saved generator
-    # without them can be loaded with the option switched on
-    NEUTRAL = {"G": "keys.gate"}
+    # parameters that start at a no-op (a new gate is open: G = 0; a learned lambda starts at
+    # the fixed one), so a saved generator without them can be loaded with the option on
+    NEUTRAL = {"G": "keys.gate", "log_lambda": "ridge_learned"}
 
     def __init__(
         self, target: Target, hidden_size: int, config: GeneratorConfig, dtype: torch.dtype
     ):
         super().__init__()
         r, r_in = config.r, config.r_in
+        self.memory, self.normalize_keys = config.memory, config.keys.normalize
 
         def init(rows: int, cols: int) -> nn.Parameter:
             std = config.init_std if config.init_std is not None else cols**-0.5
@@ -94,11 +97,18 @@ class ModuleGenerator(nn.Module):
         self.B = nn.Parameter(torch.zeros(target.out_features, r, dtype=dtype))
         gate = nn.Parameter(torch.zeros(hidden_size, dtype=dtype)) if config.keys.gate else None
         self.register_parameter("G", gate)
+        log_lambda = torch.tensor(float(config.ridge_lambda), dtype=torch.float64).log()
+        if config.ridge_learned:
+            self.log_lambda = nn.Parameter(log_lambda.to(dtype))
+        else:
+            self.register_buffer("log_lambda", log_lambda.to(dtype), persistent=False)
 
     def keys(self, h: Tensor, h_key: Tensor, weight: Tensor) -> Tensor:
         """k_t = g_t K h̄_t per token (b, t, r_in), times `weight` (0 at padding): what the state
         sums and a query A x is matched against."""
         k = h_key @ self.K.T
+        if self.normalize_keys:
+            k = F.normalize(k, dim=-1)
         if self.G is not None:
             k = k * (2 * torch.sigmoid(self.gate_logits(h)))[..., None]
         return k * weight[..., None]
@@ -110,8 +120,13 @@ class ModuleGenerator(nn.Module):
         return h @ self.G
 
     def statistics(self, h: Tensor, keys: Tensor) -> Tensor:
-        """S = sum_t k_t (V h_t)^T: h (b, t, d), keys (b, t, r_in) -> (b, r_in, r)."""
-        return keys.transpose(1, 2) @ (h @ self.V.T)
+        """The state of values V h_t under keys (b, t, r_in): sum_t k_t (V h_t)^T (b, r_in, r),
+        and for a ridge memory H beside it (memory.write)."""
+        return memory.write(keys, h @ self.V.T, self.memory)
+
+    def read_out(self, S: Tensor) -> Tensor:
+        """The memory matrix (b, r_in, r) a state is read out as (memory.read_out)."""
+        return memory.read_out(S, self.memory, self.log_lambda.exp())
 
 
 def module_key(name: str) -> str:
@@ -181,14 +196,17 @@ class Generator(nn.Module):
 
     # --- the read-out side: state -> dW ------------------------------------------------------
     def normalized(self, S: dict[str, Tensor], n: Tensor) -> dict[str, Tensor]:
+        """N(M) per target, M the state's memory matrix."""
         c = self.config
+        if c.memory == "ridge":  # S* is free of the length already: "none" leaves it as it is
+            n = torch.ones_like(n)
         return {
-            k: normalize_state(s.to(self.dtype), n, c.normalization, c.svd_top_k)
+            k: normalize_state(self[k].read_out(s).to(self.dtype), n, c.normalization, c.svd_top_k)
             for k, s in S.items()
         }
 
     def lora(self, S: dict[str, Tensor], n: Tensor) -> dict[str, LoRA]:
-        """The exact LoRA each target gets from a state: dW = (alpha/r) B N(S)^T A, per row."""
+        """The exact LoRA each target gets from a state: dW = (alpha/r) B N(M)^T A, per row."""
         N = self.normalized(S, n)
         scaling = self.config.scaling
         return {
@@ -208,6 +226,8 @@ class Generator(nn.Module):
             # (a gate's weights enter below, with K and V)
             window = (c.keys.window,) if c.keys.window != 1 else ()
             window += ("ahead", c.keys.lookahead) if c.keys.lookahead else ()
+            window += ("unit keys",) if c.keys.normalize else ()
+            window += ("ridge",) if c.memory == "ridge" else ()
             h.update(repr(shape + window).encode())
             for p in params:
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

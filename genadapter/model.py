@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import memory
 from .assets import load_base_model
 from .chunking import cut, pad
 from .config import GeneratorConfig
@@ -142,12 +143,12 @@ class GenerativeAdapter(nn.Module):
                     p.copy_(weights[k])
 
     def generator_state_dict(self) -> dict[str, Tensor]:
-        """Generator parameters keyed by the base-LM module they adapt: '<module>.<A|K|V|B|G>' (G: the write gate, if any)."""
+        """Generator parameters keyed by the base-LM module they adapt: '<module>.<A|K|V|B>',
+        and '.G' (a write gate) and '.log_lambda' (a learned ridge lambda) where present."""
         return {
-            f"{n}.{p}": getattr(self.generator[n], p)
+            f"{n}.{p}": param
             for n in self.generator.names
-            for p in "AKVBG"
-            if getattr(self.generator[n], p) is not None
+            for p, param in self.generator[n].named_parameters()
         }
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -183,12 +184,19 @@ class GenerativeAdapter(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         g, c = self.generator, self.config
         kw = {"dtype": g.state_dtype, "device": self.device}
-        S = {name: torch.zeros(batch_size, c.r_in, c.r, **kw) for name in g.names}
+        width = memory.state_width(c.memory, c.r, c.r_in)
+        S = {name: torch.zeros(batch_size, c.r_in, width, **kw) for name in g.names}
         return AdapterState(S, torch.zeros(batch_size, **kw), g.fingerprint(), c.to_dict())
 
     def check_state(self, state: AdapterState, batch_size: int | None = None) -> None:
         if not isinstance(state, AdapterState):
             raise TypeError(f"state must be an AdapterState, got {type(state).__name__}")
+        theirs = state.config.get("memory", "linear")
+        if theirs != self.config.memory:
+            raise StateMismatchError(
+                f"state was written by a {theirs!r} memory, but this adapter's generator has a "
+                f"{self.config.memory!r} memory: a state is only read out by its own kind"
+            )
         mine = self.generator.fingerprint()
         if state.generator != mine:
             raise StateMismatchError(

@@ -27,7 +27,7 @@ class StateMismatchError(ValueError):
 
 @dataclass
 class AdapterState:
-    S: dict[str, Tensor]  # module name -> (batch, r_in, r)
+    S: dict[str, Tensor]  # module name -> (batch, r_in, r); a ridge memory: [G | H], r + r_in
     n: Tensor  # (batch,) tokens read per row (decayed along with S)
     generator: str  # fingerprint of the generator that read it
     config: dict[str, Any] = field(default_factory=dict)  # that generator's GeneratorConfig

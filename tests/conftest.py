@@ -83,6 +83,8 @@ def randomize_generator(ga, seed: int = 0, std: float = 0.5) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ga.generator.parameters():
+            if p.dim() == 0:  # a learned ridge lambda keeps its starting value
+                continue
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std / p.shape[-1] ** 0.5)
 
 

@@ -15,6 +15,12 @@ from genadapter.generator import rms_normalize
 from genadapter.normalize import PolarFactor, normalize_state
 
 
+@pytest.fixture(params=["linear", "ridge"])
+def memory(request) -> str:
+    """Every property of the core holds for both memories (genadapter/memory.py)."""
+    return request.param
+
+
 def make(arch: str, seed: int = 0, random: bool = True, **cfg) -> GenerativeAdapter:
     cfg = {"r": 4, "r_in": 6, "chunk_len": 8, **cfg}
     ga = GenerativeAdapter.from_base(tiny_model(arch), GeneratorConfig(**cfg))
@@ -40,8 +46,8 @@ def base_params(ga) -> dict[str, torch.Tensor]:
 
 # 1. empty state == base, exactly
 @pytest.mark.parametrize("batch", [1, 3])
-def test_empty_state_is_exactly_base(arch, batch):
-    ga = make(arch)
+def test_empty_state_is_exactly_base(arch, batch, memory):
+    ga = make(arch, memory=memory)
     x = ids(batch, 11)
     base = ga.base_model(x).logits
     assert torch.equal(ga(x, state=ga.new_state(batch)).logits, base)
@@ -50,8 +56,8 @@ def test_empty_state_is_exactly_base(arch, batch):
 
 
 # 2. fresh generator (B = 0) changes nothing, even with a non-empty state
-def test_fresh_generator_changes_nothing(arch):
-    ga = make(arch, random=False)
+def test_fresh_generator_changes_nothing(arch, memory):
+    ga = make(arch, random=False, memory=memory)
     state = ga.read(ids(2, 30))
     assert (state.n == 30).all() and any(s.abs().sum() > 0 for s in state.S.values())
     x = ids(2, 9, seed=5)
@@ -60,8 +66,8 @@ def test_fresh_generator_changes_nothing(arch):
 
 # 3. exact streaming (also with windowed keys: the windows stay inside a chunk; and gates)
 @pytest.mark.parametrize("key_window,key_gate,ahead", [(1, False, 0), (3, True, 2)])
-def test_streaming_equalities(arch, key_window, key_gate, ahead):
-    ga = make(arch, chunk_len=8, keys=KeyConfig(key_window, ahead, key_gate))
+def test_streaming_equalities(arch, key_window, key_gate, ahead, memory):
+    ga = make(arch, chunk_len=8, keys=KeyConfig(key_window, ahead, key_gate), memory=memory)
     doc = ids(1, 32)  # four chunks
     chunks = doc.split(8, dim=1)
     whole = ga.read(doc)
@@ -87,8 +93,8 @@ def test_streaming_equalities(arch, key_window, key_gate, ahead):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("key_window,key_gate,ahead", [(1, False, 0), (5, True, 3)])
-def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate, ahead):
-    ga = make(arch, chunk_len=8, keys=KeyConfig(key_window, ahead, key_gate))
+def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate, ahead, memory):
+    ga = make(arch, chunk_len=8, keys=KeyConfig(key_window, ahead, key_gate), memory=memory)
     rows = [ids(1, n, seed=n)[0] for n in (5, 19, 12)]
     width = max(len(r) for r in rows)
     x = torch.zeros(len(rows), width, dtype=torch.long)
@@ -103,8 +109,9 @@ def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate, ahea
 
 
 @pytest.mark.parametrize("key_gate,ahead", [(False, 0), (True, 0), (True, 2)])
-def test_key_window_state_matches_float64_definition(arch, key_gate, ahead):
-    ga = make(arch, chunk_len=8, keys=KeyConfig(window=3, lookahead=ahead, gate=key_gate))
+def test_key_window_state_matches_float64_definition(arch, key_gate, ahead, memory):
+    keys = KeyConfig(window=3, lookahead=ahead, gate=key_gate, normalize=memory == "ridge")
+    ga = make(arch, chunk_len=8, keys=keys, memory=memory)
     doc = ids(1, 20)  # chunks of 8, 8 and 4 tokens, each read on its own
     state = ga.read(doc)
     expected = {}
@@ -117,21 +124,26 @@ def test_key_window_state_matches_float64_definition(arch, key_gate, ahead):
                     [h[max(0, i - 2) : i + 1 + ahead].mean(0) for i in range(len(h))]
                 )
                 block = ga.generator[t.name]
+                k = keys @ block.K.double().T
+                if memory == "ridge":  # (tested with unit keys)
+                    k = k / k.norm(dim=-1, keepdim=True)
                 if key_gate:  # each token's write gate, from its own features
-                    keys = keys * (2 * torch.sigmoid(h @ block.G.double()))[:, None]
-                S = (keys @ block.K.double().T).T @ (h @ block.V.double().T)
+                    k = k * (2 * torch.sigmoid(h @ block.G.double()))[:, None]
+                S = k.T @ (h @ block.V.double().T)
+                if memory == "ridge":  # [G | H], H = sum_t k_t k_t^T
+                    S = torch.cat([S, k.T @ k], 1)
                 expected[t.name] = expected.get(t.name, 0) + S
     for name, S in expected.items():
         torch.testing.assert_close(state.S[name][0].double(), S, rtol=1e-5, atol=1e-5)
-    per_token = make(arch, chunk_len=8)  # same seed, same A K V B: only the keys differ
+    per_token = make(arch, chunk_len=8, memory=memory)  # same seed and A K V B: other keys
     assert not torch.allclose(per_token.read(doc).S[name], state.S[name])
     assert per_token.generator.fingerprint() != ga.generator.fingerprint()
     if key_gate:  # the gate is saved and loaded with the rest
         assert all(f"{n}.G" in ga.generator_state_dict() for n in ga.generator.names)
 
 
-def test_write_weights_scale_each_tokens_write_not_the_key_windows(arch):
-    ga = make(arch, chunk_len=12, keys=KeyConfig(window=3, gate=True))
+def test_write_weights_scale_each_tokens_write_not_the_key_windows(arch, memory):
+    ga = make(arch, chunk_len=12, keys=KeyConfig(window=3, gate=True), memory=memory)
     chunk = ids(2, 12)
     mask = torch.ones_like(chunk)
     mask[1, :4] = 0  # a left-padded row
@@ -149,13 +161,15 @@ def test_write_weights_scale_each_tokens_write_not_the_key_windows(arch):
                 gate = 2 * torch.sigmoid(h @ block.G.double())
                 k = (windows @ block.K.double().T) * (gate * write[b][real].double())[:, None]
                 expected = k.T @ (h @ block.V.double().T)
+                if memory == "ridge":
+                    expected = torch.cat([expected, k.T @ k], 1)
                 torch.testing.assert_close(got[t.name][b].double(), expected, rtol=1e-5, atol=1e-5)
             assert not torch.allclose(got[t.name], unweighted[t.name])
 
 
 # 4. delta weights: rank <= r, and the side path == W + dW (float64 recomputation)
-def test_delta_weights_match_float64_recomputation(arch):
-    ga = make(arch, r=3, r_in=5)
+def test_delta_weights_match_float64_recomputation(arch, memory):
+    ga = make(arch, r=3, r_in=5, memory=memory)
     state = ga.read(ids(1, 40))
     x = ids(1, 13, seed=9)
     adapted = ga(x, state=state).logits
@@ -172,6 +186,10 @@ def test_delta_weights_match_float64_recomputation(arch):
         for t in g64.generator.targets:
             block = g64.generator[t.name]
             S = st64.S[t.name][0]
+            if memory == "ridge":  # S* = (H + lam tr(H)/r_in I)^-1 G
+                G, H = S[:, :3], S[:, 3:]
+                lam = ga.config.ridge_lambda * H.trace() / 5
+                S = torch.linalg.solve(H + lam * torch.eye(5, dtype=H.dtype), G)
             N = S * (3**0.5) / torch.linalg.matrix_norm(S)
             dW = (ga.config.alpha / 3) * block.B @ N.T @ block.A
             torch.testing.assert_close(deltas[t.name].double(), dW, rtol=1e-5, atol=1e-6)
@@ -184,8 +202,8 @@ def test_delta_weights_match_float64_recomputation(arch):
 
 
 # 5. merged == side path; W restored bit-exactly, also on error
-def test_merged_matches_side_path_and_restores(arch):
-    ga = make(arch)
+def test_merged_matches_side_path_and_restores(arch, memory):
+    ga = make(arch, memory=memory)
     state = ga.read(ids(1, 25))
     x = ids(1, 10, seed=3)
     side = ga(x, state=state).logits
@@ -203,10 +221,10 @@ def test_merged_matches_side_path_and_restores(arch):
 
 
 # 6. PEFT loads the exported LoRA and gives the adapted logits
-def test_export_lora_loads_in_peft(arch, tmp_path):
+def test_export_lora_loads_in_peft(arch, tmp_path, memory):
     from peft import PeftModel
 
-    ga = make(arch)
+    ga = make(arch, memory=memory)
     state = ga.read(ids(1, 30))
     x = ids(2, 12, seed=4)
     adapted = ga(x, state=state.repeat(2)).logits
@@ -220,8 +238,8 @@ def test_export_lora_loads_in_peft(arch, tmp_path):
 
 # 7. normalised deltas do not depend on how much was read
 @pytest.mark.parametrize("norm", ["frobenius", "svd"])
-def test_reading_twice_gives_same_deltas(norm):
-    ga = make("llama", normalization=norm)
+def test_reading_twice_gives_same_deltas(norm, memory):
+    ga = make("llama", normalization=norm, memory=memory)
     doc = ids(1, 24)
     once = ga.delta_weights(ga.read(doc))
     twice = ga.delta_weights(ga.read(doc, ga.read(doc)))
@@ -260,8 +278,8 @@ def test_none_normalization_is_mean():
 
 
 # 8. save/load round trips; a state of another generator is refused by name
-def test_round_trips_and_mismatch(tmp_path):
-    ga = make("qwen2")
+def test_round_trips_and_mismatch(tmp_path, memory):
+    ga = make("qwen2", memory=memory)
     state = ga.read(ids(2, 20))
     state.metadata["note"] = "x"
     state.save(tmp_path / "s.safetensors")
@@ -274,7 +292,7 @@ def test_round_trips_and_mismatch(tmp_path):
         assert torch.equal(v, ga2.generator_state_dict()[k])
     x = ids(2, 7)
     assert torch.equal(ga2(x, state=loaded).logits, ga(x, state=state).logits)
-    other = make("qwen2", seed=1)
+    other = make("qwen2", seed=1, memory=memory)
     with pytest.raises(StateMismatchError, match=state.generator) as err:
         other(x, state=loaded)
     assert other.generator.fingerprint() in str(err.value)
@@ -356,8 +374,10 @@ def test_flat_key_fields_of_older_configs_are_upgraded(tmp_path):
 
 
 # 9. base LM untouched by every public call, never requires grad; gradients reach the generator
-def test_base_untouched_and_gradients_reach_generator(tmp_path):
-    ga = make("llama")
+@pytest.mark.parametrize("memory", ["linear", "ridge", "ridge_learned"])
+def test_base_untouched_and_gradients_reach_generator(tmp_path, memory):
+    kind = memory.split("_")[0]
+    ga = make("llama", memory=kind, ridge_learned=memory == "ridge_learned")
     before = base_params(ga)
     assert not any(p.requires_grad for p in ga.base_model.parameters())
     state = ga.read(ids(2, 30))  # grad enabled: flows through K and V
@@ -378,8 +398,8 @@ def test_base_untouched_and_gradients_reach_generator(tmp_path):
     )
 
 
-def test_per_row_states_in_one_batch():
-    ga = make("llama")
+def test_per_row_states_in_one_batch(memory):
+    ga = make("llama", memory=memory)
     s0, s1 = ga.read(ids(1, 20, seed=1)), ga.read(ids(1, 33, seed=2))
     x = ids(2, 6, seed=7)
     both = ga(x, state=AdapterState.stack([s0, s1])).logits
