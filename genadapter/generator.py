@@ -103,12 +103,15 @@ class ModuleGenerator(nn.Module):
         else:
             self.register_buffer("log_lambda", log_lambda.to(dtype), persistent=False)
 
-    def keys(self, h: Tensor, h_key: Tensor, weight: Tensor) -> Tensor:
-        """k_t = g_t K h̄_t per token (b, t, r_in), times `weight` (0 at padding): what the state
-        sums and a query A x is matched against."""
+    def unit_keys(self, h_key: Tensor) -> Tensor:
+        """K h̄_t per token (b, t, r_in), of unit length with `KeyConfig.normalize`."""
         k = h_key @ self.K.T
-        if self.normalize_keys:
-            k = F.normalize(k, dim=-1)
+        return F.normalize(k, dim=-1) if self.normalize_keys else k
+
+    def keys(self, h: Tensor, raw: Tensor, weight: Tensor) -> Tensor:
+        """k_t = g_t K h̄_t per token (b, t, r_in) from `raw` = `unit_keys`, times `weight` (0 at
+        padding): what the state sums and a query A x is matched against."""
+        k = raw
         if self.G is not None:
             k = k * (2 * torch.sigmoid(self.gate_logits(h)))[..., None]
         return k * weight[..., None]
@@ -119,10 +122,11 @@ class ModuleGenerator(nn.Module):
             raise ValueError("this generator has no write gate (GeneratorConfig.keys.gate is off)")
         return h @ self.G
 
-    def statistics(self, h: Tensor, keys: Tensor) -> Tensor:
-        """The state of values V h_t under keys (b, t, r_in): sum_t k_t (V h_t)^T (b, r_in, r),
-        and for a ridge memory H beside it (memory.write)."""
-        return memory.write(keys, h @ self.V.T, self.memory)
+    def statistics(self, h: Tensor, raw: Tensor, keys: Tensor) -> Tensor:
+        """The state (memory.write) of values V h_t under `keys` = w_t K h̄_t, w_t the gate and
+        weight of each token and `raw` = K h̄_t: sum_t k_t (V h_t)^T (b, r_in, r), and for a
+        ridge memory H = sum_t w_t K h̄_t (K h̄_t)^T beside it."""
+        return memory.write(keys, h @ self.V.T, raw, self.memory)
 
     def read_out(self, S: Tensor) -> Tensor:
         """The memory matrix (b, r_in, r) a state is read out as (memory.read_out)."""
@@ -188,8 +192,9 @@ class Generator(nn.Module):
             h, h_key = self.features(hidden_states[layer], mask)
             for t in (t for t in self.targets if t.layer == layer):
                 block = self[t.name]
-                keys[t.name] = block.keys(h, h_key, weight)
-                S[t.name] = block.statistics(h, keys[t.name]).to(self.state_dtype)
+                raw = block.unit_keys(h_key)
+                keys[t.name] = block.keys(h, raw, weight)
+                S[t.name] = block.statistics(h, raw, keys[t.name]).to(self.state_dtype)
                 if block.G is not None:
                     gates[t.name] = block.gate_logits(h)
         return Writes(S, mask.sum(1).to(self.state_dtype), keys, gates)

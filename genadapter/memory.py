@@ -1,14 +1,15 @@
 """The memory: what a target's state sums over the context, and the matrix it is read out as.
 
-With keys k_t (r_in) and values v_t (r) of the tokens read:
+With keys k_t (r_in), values v_t (r) and write weights w_t >= 0 (the write gate; 0 at padding)
+of the tokens read:
 
-- "linear": the state is S = sum_t k_t v_t^T (r_in x r) and is read out as itself. A query q
-  then reads S^T q = sum_t (k_t . q) v_t: vanilla linear attention, where every token keeps a
-  share of the read-out.
-- "ridge": the state is [G | H] (r_in x (r + r_in)), G = sum_t k_t v_t^T, H = sum_t k_t k_t^T,
-  and is read out as the least-squares memory S* = (H + lam_bar I)^-1 G, the S that minimises
-  sum_t |S^T k_t - v_t|^2 + lam_bar |S|^2, with lam_bar = lam tr(H) / r_in (scale-free). A query
-  that equals a stored key reads (close to) that key's value alone.
+- "linear": the state is S = sum_t w_t k_t v_t^T (r_in x r) and is read out as itself. A query q
+  then reads S^T q = sum_t w_t (k_t . q) v_t: vanilla linear attention, where every token keeps
+  a share of the read-out.
+- "ridge": the state is [G | H] (r_in x (r + r_in)), G = sum_t w_t k_t v_t^T,
+  H = sum_t w_t k_t k_t^T, read out as the least-squares memory S* = (H + lam_bar I)^-1 G: the S
+  that minimises sum_t w_t |S^T k_t - v_t|^2 + lam_bar |S|^2, lam_bar = lam tr(H) / r_in
+  (scale-free). A query equal to a stored key reads (close to) that key's value alone.
 
 Both states are sums over tokens: they stream exactly, add across machines and decay
 (gamma on G and H scales S* not at all: only what is read later weighs more).
@@ -25,12 +26,13 @@ def state_width(memory: str, r: int, r_in: int) -> int:
     return r + r_in if memory == "ridge" else r
 
 
-def write(keys: Tensor, values: Tensor, memory: str) -> Tensor:
-    """The state of a batch of token sequences: keys (b, t, r_in), values (b, t, r)."""
-    G = keys.transpose(1, 2) @ values
+def write(weighted_keys: Tensor, values: Tensor, keys: Tensor, memory: str) -> Tensor:
+    """The state of a batch of token sequences: `weighted_keys` w_t k_t and `keys` k_t
+    (b, t, r_in), values (b, t, r)."""
+    G = weighted_keys.transpose(1, 2) @ values
     if memory == "linear":
         return G
-    return torch.cat([G, keys.transpose(1, 2) @ keys], -1)
+    return torch.cat([G, weighted_keys.transpose(1, 2) @ keys], -1)
 
 
 def read_out(S: Tensor, memory: str, lam: Tensor | float) -> Tensor:

@@ -124,14 +124,15 @@ def test_key_window_state_matches_float64_definition(arch, key_gate, ahead, memo
                     [h[max(0, i - 2) : i + 1 + ahead].mean(0) for i in range(len(h))]
                 )
                 block = ga.generator[t.name]
-                k = keys @ block.K.double().T
+                raw = keys @ block.K.double().T
                 if memory == "ridge":  # (tested with unit keys)
-                    k = k / k.norm(dim=-1, keepdim=True)
+                    raw = raw / raw.norm(dim=-1, keepdim=True)
+                k = raw
                 if key_gate:  # each token's write gate, from its own features
                     k = k * (2 * torch.sigmoid(h @ block.G.double()))[:, None]
                 S = k.T @ (h @ block.V.double().T)
-                if memory == "ridge":  # [G | H], H = sum_t k_t k_t^T
-                    S = torch.cat([S, k.T @ k], 1)
+                if memory == "ridge":  # [G | H], H = sum_t g_t k_t k_t^T
+                    S = torch.cat([S, k.T @ raw], 1)
                 expected[t.name] = expected.get(t.name, 0) + S
     for name, S in expected.items():
         torch.testing.assert_close(state.S[name][0].double(), S, rtol=1e-5, atol=1e-5)
@@ -159,10 +160,11 @@ def test_write_weights_scale_each_tokens_write_not_the_key_windows(arch, memory)
                 h = rms_normalize(hidden[t.layer][b][real].double())
                 windows = torch.stack([h[max(0, i - 2) : i + 1].mean(0) for i in range(len(h))])
                 gate = 2 * torch.sigmoid(h @ block.G.double())
-                k = (windows @ block.K.double().T) * (gate * write[b][real].double())[:, None]
+                raw = windows @ block.K.double().T
+                k = raw * (gate * write[b][real].double())[:, None]
                 expected = k.T @ (h @ block.V.double().T)
-                if memory == "ridge":
-                    expected = torch.cat([expected, k.T @ k], 1)
+                if memory == "ridge":  # the gate and the weight weigh each token's equation
+                    expected = torch.cat([expected, k.T @ raw], 1)
                 torch.testing.assert_close(got[t.name][b].double(), expected, rtol=1e-5, atol=1e-5)
             assert not torch.allclose(got[t.name], unweighted[t.name])
 

@@ -12,14 +12,15 @@ from genadapter.generator import rms_normalize
 from genadapter.memory import read_out, write
 
 
-def ridge_lstsq(k: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
-    """argmin_S |k S - v|^2 + lam_bar |S|^2 as one float64 least-squares problem: the rows
-    sqrt(lam_bar) I with targets 0 stacked under the tokens."""
+def ridge_lstsq(k: torch.Tensor, v: torch.Tensor, lam: float, w=None) -> torch.Tensor:
+    """argmin_S sum_t w_t |S^T k_t - v_t|^2 + lam_bar |S|^2 as one float64 least-squares
+    problem: rows sqrt(w_t) k_t, then sqrt(lam_bar) I with targets 0."""
     k, v = k.double(), v.double()
+    w = torch.ones(len(k), dtype=k.dtype) if w is None else w.double()
     r_in = k.shape[-1]
-    lam_bar = lam * (k * k).sum() / r_in
-    rows = torch.cat([k, lam_bar.sqrt() * torch.eye(r_in, dtype=k.dtype)])
-    targets = torch.cat([v, torch.zeros(r_in, v.shape[-1], dtype=v.dtype)])
+    lam_bar = lam * (w[:, None] * k * k).sum() / r_in
+    rows = torch.cat([w.sqrt()[:, None] * k, lam_bar.sqrt() * torch.eye(r_in, dtype=k.dtype)])
+    targets = torch.cat([w.sqrt()[:, None] * v, torch.zeros(r_in, v.shape[-1], dtype=v.dtype)])
     return torch.linalg.lstsq(rows, targets).solution
 
 
@@ -28,13 +29,14 @@ def test_ridge_read_out_is_the_least_squares_memory(tokens, lam):
     g = torch.Generator().manual_seed(tokens)
     shape = {"generator": g, "dtype": torch.float64}  # the solve itself, free of float32 sums
     k, v = torch.randn(2, tokens, 8, **shape), torch.randn(2, tokens, 3, **shape)
-    k[1, tokens // 2 :] = 0  # a padded row: zero keys write nothing
-    got = read_out(write(k, v, "ridge"), "ridge", lam)
+    w = torch.rand(2, tokens, **shape) * 2  # write gates
+    w[1, tokens // 2 :] = 0  # a padded row: weight 0 writes nothing
+    got = read_out(write(w[..., None] * k, v, k, "ridge"), "ridge", lam)
     for b in range(2):
-        torch.testing.assert_close(
-            got[b].double(), ridge_lstsq(k[b], v[b], lam), rtol=1e-4, atol=1e-5
-        )
-    assert torch.equal(read_out(write(k, v, "linear"), "linear", lam), k.mT @ v)
+        want = ridge_lstsq(k[b], v[b], lam, w[b])
+        torch.testing.assert_close(got[b], want, rtol=1e-9, atol=1e-10)
+    linear = read_out(write(w[..., None] * k, v, k, "linear"), "linear", lam)
+    torch.testing.assert_close(linear, (w[..., None] * k).mT @ v)
     empty = read_out(torch.zeros(1, 8, 11, dtype=torch.float64), "ridge", lam)
     assert torch.equal(empty, torch.zeros(1, 8, 3, dtype=torch.float64))
 
@@ -49,7 +51,7 @@ def test_ridge_recalls_pairs_that_interfere_in_the_linear_memory():
     k, v = keys[None], values[None]
 
     def recall(memory: str) -> float:
-        M = read_out(write(k, v, memory), memory, 1e-4)[0]
+        M = read_out(write(k, v, k, memory), memory, 1e-4)[0]
         got = keys @ M
         return (torch.nn.functional.cosine_similarity(got, values, dim=-1) > 0.99).float().mean()
 
