@@ -71,10 +71,14 @@ class KeyConfig:
     # keys of unit length (before the gate): a least-squares memory then weighs every written
     # token alike. Queries stay A x: normalising them would make dW depend on x (not a LoRA).
     normalize: bool = False
+    # the window moved `shift` tokens back: a value's key from the tokens before it ("<key> is"),
+    # not from the value itself (the standard binding of associative recall; 0 = off)
+    shift: int = 0
 
     def __post_init__(self) -> None:
         _check_int("KeyConfig", "window", self.window, 1)
         _check_int("KeyConfig", "lookahead", self.lookahead, 0)
+        _check_int("KeyConfig", "shift", self.shift, 0)
         for name in ("gate", "normalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KeyConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -3,7 +3,8 @@
 For a target module with frozen weight W (out x in) in decoder layer l (docs/method.md):
 
     h_t = rms(hidden_t)                 the input of layer l, RMS-normalised (features)
-    h̄_t = mean of h over t's key window  (KeyConfig.window back, .lookahead ahead; its chunk)
+    h̄_t = mean of h over t's key window  (KeyConfig.window back, .lookahead ahead, moved .shift
+                                         back; inside t's chunk)
     k_t = g_t K h̄_t,  g_t = 2 sigmoid(G . h_t) (1 without a gate)          (keys)
     v_t = V h_t                                                            (values)
     S   = sum_t k_t v_t^T               the state, r_in x r                (Writes.S)
@@ -35,17 +36,19 @@ def rms_normalize(h: Tensor) -> Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS)
 
 
-def window_mean(h: Tensor, mask: Tensor, back: int, ahead: int = 0) -> Tensor:
+def window_mean(h: Tensor, mask: Tensor, back: int, ahead: int = 0, shift: int = 0) -> Tensor:
     """Mean of h (b, t, d) over each position's window of its row: its last `back` positions
-    (itself included) and the next `ahead`, cut at the row's ends; masked positions (padding)
-    never enter a real position's mean."""
-    if back == 1 and ahead == 0:
+    (itself included) and the next `ahead`, the whole window moved `shift` positions back, cut
+    at the row's ends (an empty window gives 0); masked positions (padding) never enter a real
+    position's mean."""
+    if back == 1 and ahead == 0 and shift == 0:
         return h
     m = mask.to(h.dtype)[..., None]
     total = F.pad((h * m).cumsum(1), (0, 0, 1, 0))  # prefix sums, total[:, i] = sum of h[:, :i]
     count = F.pad(m.cumsum(1), (0, 0, 1, 0))
-    here = torch.arange(1, h.shape[1] + 1, device=h.device)
-    start, end = (here - back).clamp(min=0), (here + ahead).clamp(max=h.shape[1])
+    here = torch.arange(1, h.shape[1] + 1, device=h.device) - shift
+    end = (here + ahead).clamp(min=0, max=h.shape[1])
+    start = torch.minimum((here - back).clamp(min=0), end)
     return (total[:, end] - total[:, start]) / (count[:, end] - count[:, start]).clamp(min=1)
 
 
@@ -176,7 +179,7 @@ class Generator(nn.Module):
         features values are made of, and their key-window means keys are made of."""
         h = rms_normalize(hidden.to(self.dtype))
         keys = self.config.keys
-        return h, window_mean(h, mask.to(self.dtype), keys.window, keys.lookahead)
+        return h, window_mean(h, mask.to(self.dtype), keys.window, keys.lookahead, keys.shift)
 
     def write(
         self, hidden_states: dict[int, Tensor], mask: Tensor, weight: Tensor | None = None
@@ -231,6 +234,7 @@ class Generator(nn.Module):
             # (a gate's weights enter below, with K and V)
             window = (c.keys.window,) if c.keys.window != 1 else ()
             window += ("ahead", c.keys.lookahead) if c.keys.lookahead else ()
+            window += ("shift", c.keys.shift) if c.keys.shift else ()
             window += ("unit keys",) if c.keys.normalize else ()
             window += ("ridge",) if c.memory == "ridge" else ()
             h.update(repr(shape + window).encode())

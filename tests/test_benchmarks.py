@@ -261,7 +261,7 @@ def test_template_files_load():
     globs = pyproject["tool"]["setuptools"]["package-data"]["genadapter.data.benchmarks"]
     package = Path(facts.__file__).parent
     shipped = {path for g in globs for path in package.glob(g)}
-    assert shipped == set(package.glob("templates/*")) and len(shipped) == 2
+    assert shipped == set(package.glob("templates/*")) and len(shipped) == 3
 
 
 def _with(entries: list[dict], **change) -> list[dict]:
@@ -400,4 +400,9 @@ def test_make_benchmarks_command(tmp_path, capsys):
     eps, problems = read_episodes(tmp_path / "persona/test.jsonl", kind="conversation")
     assert eps and problems == []
     assert "persona/train.jsonl" in capsys.readouterr().out
-    assert {p.split("/")[0] for p, _ in make.default_jobs(0)} == {"facts", "wiki-topic", "persona"}
+    assert {p.split("/")[0] for p, _ in make.default_jobs(0)} == {
+        "facts",
+        "wiki-topic",
+        "persona",
+        "recall",
+    }

@@ -67,7 +67,8 @@ def test_fresh_generator_changes_nothing(arch, memory):
 # 3. exact streaming (also with windowed keys: the windows stay inside a chunk; and gates)
 @pytest.mark.parametrize("key_window,key_gate,ahead", [(1, False, 0), (3, True, 2)])
 def test_streaming_equalities(arch, key_window, key_gate, ahead, memory):
-    ga = make(arch, chunk_len=8, keys=KeyConfig(key_window, ahead, key_gate), memory=memory)
+    keys = KeyConfig(key_window, ahead, key_gate, shift=int(key_gate))
+    ga = make(arch, chunk_len=8, keys=keys, memory=memory)
     doc = ids(1, 32)  # four chunks
     chunks = doc.split(8, dim=1)
     whole = ga.read(doc)
@@ -108,9 +109,11 @@ def test_padded_batch_matches_single_rows(arch, side, key_window, key_gate, ahea
     assert batched.n.tolist() == [5, 19, 12]
 
 
-@pytest.mark.parametrize("key_gate,ahead", [(False, 0), (True, 0), (True, 2)])
-def test_key_window_state_matches_float64_definition(arch, key_gate, ahead, memory):
-    keys = KeyConfig(window=3, lookahead=ahead, gate=key_gate, normalize=memory == "ridge")
+@pytest.mark.parametrize(
+    "key_gate,ahead,shift", [(False, 0, 0), (True, 0, 0), (True, 2, 0), (False, 0, 1)]
+)
+def test_key_window_state_matches_float64_definition(arch, key_gate, ahead, shift, memory):
+    keys = KeyConfig(3, ahead, key_gate, normalize=memory == "ridge", shift=shift)
     ga = make(arch, chunk_len=8, keys=keys, memory=memory)
     doc = ids(1, 20)  # chunks of 8, 8 and 4 tokens, each read on its own
     state = ga.read(doc)
@@ -120,13 +123,14 @@ def test_key_window_state_matches_float64_definition(arch, key_gate, ahead, memo
             hidden = ga.context_features(chunk, torch.ones_like(chunk))
             for t in ga.generator.targets:
                 h = rms_normalize(hidden[t.layer][0].double())
-                keys = torch.stack(  # the last 3 tokens and the next `ahead`, in the chunk
-                    [h[max(0, i - 2) : i + 1 + ahead].mean(0) for i in range(len(h))]
-                )
+                windows = [  # the last 3 tokens and the next `ahead`, `shift` back, in the chunk
+                    h[max(0, i - shift - 2) : max(0, i - shift + 1 + ahead)] for i in range(len(h))
+                ]
+                keys = torch.stack([w.mean(0) if len(w) else 0 * h[0] for w in windows])
                 block = ga.generator[t.name]
                 raw = keys @ block.K.double().T
-                if memory == "ridge":  # (tested with unit keys)
-                    raw = raw / raw.norm(dim=-1, keepdim=True)
+                if memory == "ridge":  # (tested with unit keys; an empty window stays 0)
+                    raw = raw / raw.norm(dim=-1, keepdim=True).clamp(min=1e-12)
                 k = raw
                 if key_gate:  # each token's write gate, from its own features
                     k = k * (2 * torch.sigmoid(h @ block.G.double()))[:, None]

@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, type=typ, default=None, help=help_text)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--one-by-one",
+        dest="batch_questions",
+        action="store_false",
+        default=None,
+        help="answer and score an episode's questions one at a time (default: as one batch)",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> EvalConfig:
@@ -60,6 +67,8 @@ def resolve_config(args: argparse.Namespace) -> EvalConfig:
         value = getattr(args, name)
         if value is not None:
             values[name] = value.split(",") if name in ("data", "reuse") else value
+    if args.batch_questions is not None:
+        values["batch_questions"] = args.batch_questions
     if not values.get("data"):
         raise SystemExit("no episode file: pass --data or set `data` in --config")
     try:

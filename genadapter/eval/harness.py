@@ -61,6 +61,8 @@ class EvalConfig:
     # earlier results.json files: a record of the same method on the same episode under the same
     # settings is taken over instead of recomputed (see `reusable_records`); missing files are ignored
     reuse: list[str] = field(default_factory=list)
+    # an episode's questions answered and scored as one batch (same results, several times faster)
+    batch_questions: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -112,46 +114,25 @@ def load_episodes(config: EvalConfig) -> tuple[list[tuple[str, Any]], list[str]]
 
 
 def evaluate_episode(
-    method: Method, episode: Any, task: str, max_questions: int | None = None
+    method: Method,
+    episode: Any,
+    task: str,
+    max_questions: int | None = None,
+    batched: bool = True,
 ) -> dict[str, Any]:
-    """Adapt `method` to one episode and score it; one JSON-ready record."""
+    """Adapt `method` to one episode and score it; one JSON-ready record. `batched`: the
+    episode's questions answered and scored as one batch (`eval/batched.py`), else one by one."""
     reset_peak_rss()
     rec: dict[str, Any] = {"status": "ok"}
     with method.adapt(episode.context_texts()) as adapted:
-        items, latencies = [], []
-        if task == "demo":
-            for q in episode.queries[:max_questions]:
-                t0 = time.perf_counter()
-                scores = adapted.score_options(q.input, q.options)
-                latencies.append(time.perf_counter() - t0)
-                acc = option_accuracy(scores, q.options, q.output)
-                items.append(
-                    {"input": q.input, "gold": q.output, "scores": scores, "accuracy": acc}
-                )
-        else:
-            for qa in episode.qas[:max_questions]:
-                t0 = time.perf_counter()
-                prediction = adapted.answer(qa.question)
-                latencies.append(time.perf_counter() - t0)
-                # NLL of the first (canonical) gold answer: did the knowledge get in at all?
-                nll = adapted.answer_nll(qa.question, qa.answers[0])
-                item = {
-                    "question": qa.question,
-                    "gold": qa.answers,
-                    "prediction": prediction,
-                    **squad_scores(prediction, qa.answers),
-                    "nll": nll,
-                }
-                if qa.options:  # right value, or only the right kind of value?
-                    scores = adapted.score_options(qa.question, qa.options)
-                    item["choice"] = option_accuracy(scores, qa.options, qa.answers[0])
-                items.append(item)
+        score = demo_items if task == "demo" else qa_items
+        items, seconds = score(adapted, episode, max_questions, batched)
         stats = {k: v for k, v in adapted.stats.items() if k != "train_losses"}
         if "train_losses" in adapted.stats:
             stats["train_loss_first"] = adapted.stats["train_losses"][0]
             stats["train_loss_last"] = adapted.stats["train_losses"][-1]
     rec.update(stats)
-    rec["answer_seconds"] = sum(latencies) / len(latencies)
+    rec["answer_seconds"] = seconds / max(len(items), 1)
     rec["peak_rss_bytes"] = peak_rss_bytes()
     keys = ("accuracy",) if task == "demo" else ("em", "f1", "choice", "nll")
     for k in keys:
@@ -160,6 +141,64 @@ def evaluate_episode(
             rec[k] = sum(values) / len(values)
     rec["items"] = items
     return rec
+
+
+def _each(batched: bool, fn, *columns: list) -> list:
+    """fn over whole columns at once, or one row at a time (the same calls, batches of one)."""
+    if batched:
+        return fn(*columns)
+    return [fn(*[[x] for x in row])[0] for row in zip(*columns, strict=True)]
+
+
+def demo_items(adapted, episode, max_questions, batched: bool) -> tuple[list[dict], float]:
+    """Each query's option scores and accuracy; the seconds spent scoring."""
+    queries = episode.queries[:max_questions]
+    t0 = time.perf_counter()
+    scores = _each(
+        batched, adapted.option_scores, [q.input for q in queries], [q.options for q in queries]
+    )
+    seconds = time.perf_counter() - t0
+    items = [
+        {
+            "input": q.input,
+            "gold": q.output,
+            "scores": s,
+            "accuracy": option_accuracy(s, q.options, q.output),
+        }
+        for q, s in zip(queries, scores, strict=True)
+    ]
+    return items, seconds
+
+
+def qa_items(adapted, episode, max_questions, batched: bool) -> tuple[list[dict], float]:
+    """Each question's greedy answer, F1 / EM, gold-answer NLL (did the knowledge get in at
+    all?) and, with options, choice (the right value, or only the right kind of value?); the
+    seconds spent answering."""
+    qas = episode.qas[:max_questions]
+    questions = [qa.question for qa in qas]
+    t0 = time.perf_counter()
+    predictions = _each(batched, adapted.answers, questions)
+    seconds = time.perf_counter() - t0
+    nlls = _each(batched, adapted.answer_nlls, questions, [qa.answers[0] for qa in qas])
+    with_options = [qa for qa in qas if qa.options]
+    scores = _each(
+        batched,
+        adapted.option_scores,
+        [qa.question for qa in with_options],
+        [qa.options for qa in with_options],
+    )
+    choice = {
+        id(qa): option_accuracy(s, qa.options, qa.answers[0])
+        for qa, s in zip(with_options, scores, strict=True)
+    }
+    items = []
+    for qa, prediction, nll in zip(qas, predictions, nlls, strict=True):
+        item = {"question": qa.question, "gold": qa.answers, "prediction": prediction}
+        item.update(squad_scores(prediction, qa.answers), nll=nll)
+        if id(qa) in choice:
+            item["choice"] = choice[id(qa)]
+        items.append(item)
+    return items, seconds
 
 
 # settings that change a method's record beyond its own kwargs
@@ -251,7 +290,9 @@ def evaluate_pair(
     """One (method, episode) record; a failure is recorded, not raised (one bad pair must not
     sink the run), except a base model changed by test-time training."""
     try:
-        return evaluate_episode(method, episode, config.task, config.max_questions)
+        return evaluate_episode(
+            method, episode, config.task, config.max_questions, config.batch_questions
+        )
     except DoesNotFit as e:
         return {"status": "does not fit", "reason": str(e)}
     except OverBudget as e:

@@ -5,6 +5,7 @@
         adapted.answer(question)                    # greedy text
         adapted.answer_nll(question, gold)          # teacher-forced NLL per answer token
         adapted.score_options(input, options)       # mean log-prob per option token
+        adapted.answers(questions)                  # ... and each of them for many at once
     adapted.stats                                   # adapt time, state bytes, KV-cache bytes
 
 Every method wraps the same base model and the same `PromptFormat`; they differ only in
@@ -16,6 +17,7 @@ checked to be bit-identical, so one episode can never leak into the next.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from abc import ABC, abstractmethod
@@ -24,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
 
+from genadapter.eval.batched import generate_rows, score_rows
 from genadapter.eval.bottleneck import HoulsbyAdapters
-from genadapter.eval.metrics import kv_cache_bytes, target_logprobs
+from genadapter.eval.metrics import kv_cache_bytes
 from genadapter.eval.prompts import PromptFormat, as_tensor, join_context
 
 
@@ -57,39 +59,36 @@ class HFLM:
     def __init__(self, model: nn.Module, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
 
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids).logits
+    def applied(self) -> contextlib.AbstractContextManager:
+        """The context its forwards run in (nothing to add for a plain LM)."""
+        return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, stop: list[int]) -> tuple[str, int]:
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop or None,
-            pad_token_id=stop[0] if stop else None,
-        )
-        out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
-        )
-        new = out[0, ids.shape[1] :]
-        return self.tokenizer.decode(new, skip_special_tokens=True), len(new)
+    def score(self, rows: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        """Log-probs of each row's last n_target tokens (`batched.score_rows`)."""
+        with self.applied():
+            return score_rows(self.model, rows)
+
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
+    ) -> list[tuple[str, int]]:
+        """(text, new tokens) of the greedy continuation of each prompt, decoded together."""
+        pad = stop[0] if stop else (self.tokenizer.pad_token_id or 0)
+        with self.applied():
+            new = generate_rows(self.model, prompts, max_new_tokens, stop, pad)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [(t, len(n) + (len(n) < max_new_tokens)) for t, n in zip(texts, new, strict=True)]
 
 
-class AdapterLM:
-    """A GenerativeAdapter answering with one state (its side path hooked onto the base LM)."""
+class AdapterLM(HFLM):
+    """A GenerativeAdapter answering with one state (its side path hooked onto the base LM;
+    the state's one row serves every row of a batch)."""
 
     def __init__(self, ga, state) -> None:
+        super().__init__(ga.base_model, ga.tokenizer)
         self.ga, self.state = ga, state
-        self.hf = HFLM(ga.base_model, ga.tokenizer)
 
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.ga(ids, state=self.state).logits
-
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, stop: list[int]) -> tuple[str, int]:
-        with self.ga.adapted(self.state):
-            return self.hf.generate(ids, max_new_tokens, stop)
+    def applied(self) -> contextlib.AbstractContextManager:
+        return self.ga.adapted(self.state)
 
 
 # ---------------------------------------------------------------------- the adapted handle
@@ -124,28 +123,45 @@ class Adapted:
         nbytes = kv_cache_bytes(self.model_config, n_tokens, self.kv_dtype)
         self.stats["kv_cache_bytes"] = max(self.stats["kv_cache_bytes"], nbytes)
 
-    def answer(self, question: str) -> str:
-        """Greedy answer, first line only."""
-        ids = self._prompt(question, self.max_new_tokens)
-        text, n_new = self.lm.generate(
-            as_tensor(ids), self.max_new_tokens, self.fmt.stop_token_ids()
-        )
-        self._track_kv(len(ids) + n_new)
-        return self.fmt.clean_answer(text)
+    def answers(self, questions: list[str]) -> list[str]:
+        """Greedy answers (first line only), decoded as one batch."""
+        prompts = [self._prompt(q, self.max_new_tokens) for q in questions]
+        out = self.lm.generate(prompts, self.max_new_tokens, self.fmt.stop_token_ids())
+        for ids, (_, n_new) in zip(prompts, out, strict=True):
+            self._track_kv(len(ids) + n_new)
+        return [self.fmt.clean_answer(text) for text, _ in out]
 
-    def _answer_logprobs(self, question: str, answer: str) -> torch.Tensor:
-        target = self.fmt.answer_ids(answer)
-        ids = self._prompt(question, len(target)) + target
-        self._track_kv(len(ids))
-        return target_logprobs(self.lm.logits(as_tensor(ids)), as_tensor(ids), len(target))
+    def answer_nlls(self, questions: list[str], answers: list[str]) -> list[float]:
+        """Teacher-forced negative log-likelihood of each gold answer, nats per answer token."""
+        return [
+            -lp.mean().item() for lp in self._logprobs(list(zip(questions, answers, strict=True)))
+        ]
+
+    def option_scores(self, inputs: list[str], options: list[list[str]]) -> list[list[float]]:
+        """Mean log-prob per token of every option of every input, scored as one batch (per
+        token, so long labels are not penalised)."""
+        pairs = [(x, o) for x, opts in zip(inputs, options, strict=True) for o in opts]
+        flat = iter(lp.mean().item() for lp in self._logprobs(pairs))
+        return [[next(flat) for _ in opts] for opts in options]
+
+    def _logprobs(self, pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
+        rows = []
+        for question, answer in pairs:
+            target = self.fmt.answer_ids(answer)
+            ids = self._prompt(question, len(target)) + target
+            self._track_kv(len(ids))
+            rows.append((ids, len(target)))
+        return self.lm.score(rows)
+
+    # one question at a time: the batched calls with one row
+    def answer(self, question: str) -> str:
+        return self.answers([question])[0]
 
     def answer_nll(self, question: str, answer: str) -> float:
-        """Teacher-forced negative log-likelihood of the gold answer, nats per answer token."""
-        return -self._answer_logprobs(question, answer).mean().item()
+        return self.answer_nlls([question], [answer])[0]
 
     def score_options(self, input: str, options: list[str]) -> list[float]:
-        """Mean log-prob per token of each option (per token, so long labels are not penalised)."""
-        return [self._answer_logprobs(input, o).mean().item() for o in options]
+        return self.option_scores([input], [options])[0]
 
     def close(self) -> None:
         if self.on_close is not None:

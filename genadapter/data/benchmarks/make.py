@@ -15,9 +15,10 @@ from genadapter.data.episodes import Episode, write_episodes
 from .common import count_words, estimate_tokens
 from .facts import make_facts
 from .persona import make_persona
+from .recall import K_VALUES, make_recall
 from .wiki_topic import make_wiki_topic
 
-BENCHMARKS = ("facts", "wiki-topic", "persona")
+BENCHMARKS = ("facts", "wiki-topic", "persona", "recall")
 
 
 def default_jobs(seed: int, scale: float = 1.0) -> list[tuple[str, Callable[[], list[Episode]]]]:
@@ -58,6 +59,18 @@ def default_jobs(seed: int, scale: float = 1.0) -> list[tuple[str, Callable[[], 
     jobs.append(
         ("persona/test-s16.jsonl", lambda: make_persona("test", n(50), n_sessions=16, seed=seed))
     )
+    for split, count in (("train", 4000), ("validation", 200)):
+        jobs.append(
+            (f"recall/{split}.jsonl", lambda s=split, c=count: make_recall(s, n(c), seed=seed))
+        )
+    for k in K_VALUES:
+        for split in ("validation", "test"):
+            jobs.append(
+                (
+                    f"recall/{split}-k{k}.jsonl",
+                    lambda s=split, k=k: make_recall(s, n(100), k=k, seed=seed),
+                )
+            )
     return jobs
 
 

@@ -1,0 +1,118 @@
+"""Scoring and greedy answering of many rows at once: an episode's questions share one context
+(in the prompt, a state or trained weights), so they run as one batch.
+
+`score_rows` runs the longest token prefix all rows share once (for prompt methods: the whole
+context) and reuses its KV cache for every row; `generate_rows` decodes left-padded prompts
+together. Both give the results of running the rows one at a time, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+MIN_SHARED = 16  # a shorter shared prefix is not worth a separate forward
+MAX_BATCH_TOKENS = 8192  # suffix tokens per forward (bounds the logits' memory)
+
+
+def shared_prefix_length(rows: list[list[int]], limit: int) -> int:
+    """Length of the longest prefix every row starts with, at most `limit`."""
+    first, n = rows[0], min(limit, *(len(r) for r in rows))
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return n
+
+
+def _batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices in groups of at most `budget` padded tokens (longest rows first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, group = [], []
+    for i in order:
+        if group and (len(group) + 1) * lengths[group[0]] > budget:
+            groups.append(group)
+            group = []
+        group.append(i)
+    return [*groups, group] if group else groups
+
+
+@torch.no_grad()
+def score_rows(
+    model: nn.Module, rows: list[tuple[list[int], int]], max_batch_tokens: int = MAX_BATCH_TOKENS
+) -> list[Tensor]:
+    """Log-probabilities of the last `n_target` tokens of each row `(ids, n_target)` under
+    teacher forcing, computed for all rows together."""
+    if any(not 0 < n < len(ids) for ids, n in rows):
+        raise ValueError("every row needs 0 < n_target < its length")
+    if not rows:
+        return []
+    ids_list = [ids for ids, _ in rows]
+    # every suffix keeps a prompt token, so each target is predicted inside its suffix
+    shared = shared_prefix_length(ids_list, min(len(i) - n for i, n in rows) - 1)
+    shared = shared if len(rows) > 1 and shared >= MIN_SHARED else 0
+    cache = None
+    device = next(model.parameters()).device
+    if shared:
+        prefix = torch.tensor([ids_list[0][:shared]], device=device)
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
+    suffixes = [ids[shared:] for ids in ids_list]
+    out: list[Tensor | None] = [None] * len(rows)
+    for group in _batches([len(s) for s in suffixes], max_batch_tokens):
+        logits = _suffix_logits(model, [suffixes[i] for i in group], shared, cache, device)
+        for j, i in enumerate(group):
+            n, length = rows[i][1], len(suffixes[i])
+            pred = logits[j, length - n - 1 : length - 1]
+            pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
+            target = torch.tensor(suffixes[i][-n:], device=device)
+            out[i] = F.log_softmax(pred, -1).gather(-1, target[:, None]).squeeze(-1).cpu()
+    return out
+
+
+def _suffix_logits(model, suffixes: list[list[int]], shared: int, cache, device) -> Tensor:
+    """Logits (R, L, V) of right-padded suffixes that follow `shared` cached prefix tokens."""
+    R, L = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.zeros(R, L, dtype=torch.long, device=device)
+    mask = torch.zeros(R, shared + L, dtype=torch.long, device=device)
+    mask[:, :shared] = 1
+    for j, s in enumerate(suffixes):
+        ids[j, : len(s)] = torch.tensor(s, device=device)
+        mask[j, shared : shared + len(s)] = 1
+    positions = torch.arange(shared, shared + L, device=device).expand(R, L)
+    kwargs = {}
+    if cache is not None:
+        kwargs["past_key_values"] = copy.deepcopy(cache)  # each group extends its own copy
+        kwargs["past_key_values"].batch_repeat_interleave(R)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
+
+
+@torch.no_grad()
+def generate_rows(
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad_id: int
+) -> list[list[int]]:
+    """Greedy continuations (new token ids, up to and without the stop token) of each prompt,
+    decoded together from left-padded prompts."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for j, p in enumerate(prompts):
+        ids[j, width - len(p) :] = torch.tensor(p, device=device)
+        mask[j, width - len(p) :] = 1
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop or None,
+        pad_token_id=pad_id,
+    )
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    new = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+        new.append(row[:cut])
+    return new

@@ -1,0 +1,62 @@
+"""An episode's questions answered and scored as one batch give what one at a time gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_eval_methods import CONTEXT, tiny_gpt2, tiny_llama
+
+from genadapter import GenerativeAdapter, GeneratorConfig
+from genadapter.data.episodes import QA, QAEpisode
+from genadapter.eval.batched import score_rows, shared_prefix_length
+from genadapter.eval.harness import evaluate_episode
+from genadapter.eval.methods import make_method
+
+QAS = [
+    QA("Where does Alice live?", ["Paris"], ["Paris", "Rome", "the old town of Lyon"]),
+    QA("What does Bob sell?", ["bread"], ["bread", "fish"]),
+    QA("What is Alice's job?", ["doctor"], None),
+]
+
+
+def test_score_rows_equals_one_forward_per_row():
+    """Rows sharing a long prefix (run once, its KV cache reused) and rows that do not:
+    log-probs equal a plain float64 forward of each row alone."""
+    model = tiny_llama(seed=3).double()
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(0, 500, (40,), generator=g).tolist()
+    rows = [
+        (shared + torch.randint(0, 500, (n,), generator=g).tolist(), t)
+        for n, t in [(3, 1), (9, 4), (5, 2), (12, 7)]
+    ]
+    rows.append((torch.randint(0, 500, (20,), generator=g).tolist(), 5))  # nothing shared
+    assert shared_prefix_length([r for r, _ in rows[:4]], 100) >= 40
+    for batch in (rows[:4], rows, rows[1:2]):
+        got = score_rows(model, batch, max_batch_tokens=30)  # several groups
+        for (ids, n), lp in zip(batch, got, strict=True):
+            logits = model(torch.tensor([ids])).logits[0, -n - 1 : -1]
+            want = logits.log_softmax(-1).gather(-1, torch.tensor(ids[-n:])[:, None])[:, 0]
+            torch.testing.assert_close(lp, want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="n_target"):
+        score_rows(model, [([1, 2], 2)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["base", "prompt", "genadapter", "ttt-bitfit"])
+def test_batched_episode_equals_one_by_one(smollm2_tokenizer, arch, name):
+    model = (tiny_llama if arch == "llama" else tiny_gpt2)(seed=1)
+    ga = GenerativeAdapter.from_base(
+        model, GeneratorConfig(r=4, r_in=4, chunk_len=8), tokenizer=smollm2_tokenizer
+    )
+    with torch.no_grad():
+        for block in ga.generator.blocks.values():
+            block.B.normal_(0, 0.5)  # a state that changes the answers
+    options = {"steps": 2} if name.startswith("ttt") else {}
+    method = make_method(name, model, smollm2_tokenizer, ga=ga, max_new_tokens=6, **options)
+    episode = QAEpisode("e", CONTEXT, QAS)
+    one, batch = (evaluate_episode(method, episode, "qa", batched=b) for b in (False, True))
+    for a, b in zip(one["items"], batch["items"], strict=True):
+        assert a["prediction"] == b["prediction"]
+        assert a.get("choice") == b.get("choice")
+        assert a["nll"] == pytest.approx(b["nll"], abs=1e-4)
+    assert one["kv_cache_bytes"] == batch["kv_cache_bytes"]
