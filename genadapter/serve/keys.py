@@ -28,7 +28,9 @@ TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # tenant ids name state
 
 def check_tenant(tenant: str) -> str:
     if not TENANT.fullmatch(tenant):
-        raise ValueError(f"tenant {tenant!r} must be 1-64 of [A-Za-z0-9_.-], starting with a letter/digit")
+        raise ValueError(
+            f"tenant {tenant!r} must be 1-64 of [A-Za-z0-9_.-], starting with a letter/digit"
+        )
     return tenant
 
 
