@@ -103,7 +103,8 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ServeError(400, f"{where + ': ' if where else ''}{first['msg']}") from e
+        message = first["msg"].removeprefix("Value error, ")
+        raise ServeError(400, f"{where + ': ' if where else ''}{message}") from e
     check_encodable(body)
     return parsed
 
