@@ -187,6 +187,7 @@ async def start(service: Service, tenant: str, ids: list[int], req: Sampling) ->
             loop.call_soon_threadsafe(events.put_nowait, event)
 
     job = Job(ids, state, req.limit, emit, req.temperature, req.top_p, req.stops, req.seed)
+    job.ignore_eos = req.ignore_eos
     if not service.scheduler.submit(job):
         raise ServeError(503, "the server is busy, retry later", "server_error")
     return drain(job, events)
@@ -286,7 +287,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/health")
     def health() -> dict:
-        return {"ok": True, "generator": fingerprint}
+        sched = service.scheduler  # forwards run and tokens decoded so far (for load tests)
+        return {"ok": True, "generator": fingerprint, "forwards": sched.steps, "tokens": sched.rows}
 
     @app.get("/v1/models")
     def models(tenant: str = Depends(tenant_of)) -> dict:

@@ -44,6 +44,7 @@ class Job:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
     cancelled: bool = False  # set by the server when the client went away
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
@@ -263,7 +264,7 @@ class Scheduler:
         """Add a token to the job and emit what text is final; True when the job is done."""
         if job.cancelled:
             return True
-        reason = "stop" if token in self.eos else None
+        reason = "stop" if token in self.eos and not job.ignore_eos else None
         if reason is None:
             job.tokens.append(token)
         text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)

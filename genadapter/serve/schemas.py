@@ -26,6 +26,7 @@ class Sampling(Body):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: Literal[1] = 1
+    ignore_eos: bool = False  # vLLM's extension: always max_tokens tokens (benchmarks)
     stream: bool = False
     stream_options: dict | None = None
 
