@@ -38,8 +38,8 @@ GENERATOR = ROOT / "experiments" / "finetune" / "smollm2-instruct-generator"
 TARGET = 2.5  # batched / one-at-a-time tokens/s at 8 clients
 
 
-def start_server(root: Path, max_batch: int) -> tuple[subprocess.Popen, str, dict[str, str]]:
-    """A server with its own keys and states; returns it, its URL and the tenants' keys."""
+def start_server(root: Path, max_batch: int) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A server with its own keys and states (not waited for); returns it and the keys."""
     from genadapter.serve.keys import add_key
 
     keys = {t: add_key(root / "keys.json", t) for t in TENANTS}
@@ -47,15 +47,18 @@ def start_server(root: Path, max_batch: int) -> tuple[subprocess.Popen, str, dic
     cmd += ["--state-dir", str(root / "states"), "--keys-file", str(root / "keys.json")]
     cmd += ["--port", "0", "--max-batch", str(max_batch)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    if not line.startswith("serving "):
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    url = line.split(" on ")[1].strip()
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env), keys
+
+
+def ready(proc: subprocess.Popen, keys: dict[str, str]) -> str:
+    """Wait for the server's banner, let each tenant read its own document; returns the URL."""
     import httpx
 
-    for tenant, doc in zip(TENANTS, DOCS, strict=True):  # each tenant reads its own document
+    line = proc.stdout.readline()
+    if not line.startswith("serving "):
+        raise RuntimeError(f"server did not start: {line!r}")
+    url = line.split(" on ")[1].strip()
+    for tenant, doc in zip(TENANTS, DOCS, strict=True):
         r = httpx.post(
             url + "/v1/read",
             json={"text": doc},
@@ -63,7 +66,7 @@ def start_server(root: Path, max_batch: int) -> tuple[subprocess.Popen, str, dic
             timeout=120,
         )
         r.raise_for_status()
-    return proc, url, keys
+    return url
 
 
 class Window:
@@ -197,28 +200,30 @@ def figure(rows: list[dict]):
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--seconds", type=float, default=None, help="measured per level (8; quick 4)")
+    p.add_argument("--seconds", type=float, default=None, help="measured per level (14; quick 4)")
     p.add_argument("--max-tokens", type=int, default=32)
     args = p.parse_args()
     env = setup(args)
-    seconds = args.seconds or (4.0 if args.quick else 8.0)
-    rows, servers = [], {}
+    seconds = args.seconds or (4.0 if args.quick else 14.0)
+    rows, procs, servers = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for mode, max_batch in MODES.items():
-                servers[mode] = start_server(Path(tmp) / mode.replace(" ", "_"), max_batch)
-                load(*servers[mode][1:], 1, 2.0, args.max_tokens)  # warm-up
+            for mode, max_batch in MODES.items():  # both start at once: startup is half the wait
+                procs[mode] = start_server(Path(tmp) / mode.replace(" ", "_"), max_batch)
+            for mode, (proc, keys) in procs.items():
+                servers[mode] = (ready(proc, keys), keys)
+                load(*servers[mode], 1, 2.0, args.max_tokens)  # warm-up
             for j, clients in enumerate(LEVELS):
                 row = {"clients": clients}
                 for mode in list(MODES)[:: 1 if j % 2 == 0 else -1]:  # A B, B A, ...
-                    row[mode] = load(*servers[mode][1:], clients, seconds, args.max_tokens)
+                    row[mode] = load(*servers[mode], clients, seconds, args.max_tokens)
                     print(clients, mode, row[mode], flush=True)
                 row["speedup"] = (
                     row["batched"]["tokens_per_s"] / row["one at a time"]["tokens_per_s"]
                 )
                 rows.append(row)
         finally:
-            for proc, _, _ in servers.values():
+            for proc, _ in procs.values():
                 proc.terminate()
                 proc.wait(timeout=60)
     at8 = next(r["speedup"] for r in rows if r["clients"] == 8)

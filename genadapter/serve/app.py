@@ -46,7 +46,9 @@ class Service:
 
 def error(status: int, message: str, kind: str = "invalid_request_error", code: Any = None):
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status)
+    # a body left unread (too slow, too big) must not be taken for the next request
+    headers = {"Connection": "close"} if status in (408, 413) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(service: Service) -> FastAPI:
