@@ -29,6 +29,7 @@ from genadapter.serve.transport import make_server
 
 pytest_plugins = ["stream_fixtures"]  # fixtures: gen_dirs, gen_dir, ga
 TENANTS = ["alice", "bob", "carol", "dave"]
+USER = [{"role": "user", "content": "hi"}]
 
 
 @dataclass
@@ -193,6 +194,29 @@ def test_batched_rows_equal_the_same_request_alone(ga, tmp_path, keys_file):
     for i, q in enumerate(questions):  # and the decode loop is HF's greedy generate
         want = ga.generate(q, state=read_all(ga, [DOCS[i]]), max_new_tokens=5 + 3 * i, chat=True)
         assert alone[i] == want
+
+
+def test_a_client_that_goes_away_frees_its_row(ga, tmp_path, keys_file):
+    with serving(ga, tmp_path, keys_file) as srv, srv.http() as anon:
+        stream = srv.openai("alice").chat.completions.create(
+            model="genadapter",
+            messages=USER,
+            max_tokens=400,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        next(iter(stream)), next(iter(stream))
+        stream.close()  # long before its 400 tokens
+        deadline = time.time() + 10
+        before = anon.get("/health").json()["tokens"]
+        while time.time() < deadline:
+            time.sleep(0.2)
+            now = anon.get("/health").json()["tokens"]
+            if now == before:
+                break  # nothing decodes any more
+            before = now
+        assert now == before < 400
 
 
 # --- authentication ----------------------------------------------------------------------------
@@ -454,7 +478,6 @@ def test_export_reset_and_restart(ga, tmp_path, keys_file):
 
 
 # --- hostile input -----------------------------------------------------------------------------
-USER = [{"role": "user", "content": "hi"}]
 BAD = [  # (method, route, body: JSON-able or raw bytes, status)
     ("POST", "/v1/read", b'{"text": ', 400),
     ("POST", "/v1/read", b'\xff\xfe{"text": "x"}', 400),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -150,7 +151,7 @@ class Scheduler:
             return False
         if job.temperature > 0:
             job.rng = torch.Generator(device=self.ga.device)
-            job.rng.manual_seed(job.seed if job.seed is not None else torch.seed())
+            job.rng.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
         self.queue.put(job)
         return True
 
