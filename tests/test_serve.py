@@ -484,6 +484,8 @@ BAD = [  # (method, route, body: JSON-able or raw bytes, status)
     ("POST", "/v1/read", b'{"text": "\xc3\x28"}', 400),
     ("POST", "/v1/read", b'{"text": "\\ud800"}', 400),
     ("POST", "/v1/read", b"[1, 2]", 400),
+    ("POST", "/v1/read", b"[" * 1000 + b"]" * 1000, 400),  # nested too deeply
+    ("POST", "/v1/read", b'{"texts": ["ok", ' + b"[" * 800 + b"]" * 800 + b"]}", 400),
     ("POST", "/v1/read", b"", 400),
     ("POST", "/v1/read", {"text": ""}, 400),
     ("POST", "/v1/read", {"texts": []}, 400),

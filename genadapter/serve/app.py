@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ class Service:
 def error(status: int, message: str, kind: str = "invalid_request_error", code: Any = None):
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     # a body left unread (too slow, too big) must not be taken for the next request
-    headers = {"Connection": "close"} if status in (408, 413) else None
+    headers = {"Connection": "close"} if status in (408, 413) else {}
+    headers |= {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -71,7 +73,7 @@ def http_message(request: Request, e: HTTPException) -> str:
 
 
 def internal(e: Exception) -> str:
-    print(f"error: {e!r}", flush=True)  # a bug: say so in the log, keep serving
+    print(f"error: {e!r}", file=sys.stderr, flush=True)  # a bug: say so in the log, keep serving
     return f"internal error: {type(e).__name__}"
 
 
@@ -94,27 +96,30 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
     data = await read_body(request, service.max_body, service.body_timeout)
     try:
         body = json.loads(data.decode("utf-8"))
+        check_encodable(body)
     except UnicodeDecodeError as e:
         raise ServeError(400, f"body is not valid UTF-8: {e}") from e
     except json.JSONDecodeError as e:
         raise ServeError(400, f"body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ServeError(400, "body is nested too deeply") from e
     if not isinstance(body, dict):
         raise ServeError(400, "body must be a JSON object")
     try:
-        parsed = model.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         raise ServeError(400, f"{where + ': ' if where else ''}{message}") from e
-    check_encodable(body)
-    return parsed
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise ServeError(413 if length.isdigit() else 400, f"body over the limit of {limit} bytes")
+    if length is not None and not length.isdigit():
+        raise ServeError(400, f"bad Content-Length {length!r}")
+    if length is not None and int(length) > limit:
+        raise ServeError(413, f"body of {length} bytes is over the limit of {limit}")
     chunks, size = [], 0
     deadline = time.monotonic() + timeout
     stream = request.stream().__aiter__()
@@ -139,7 +144,7 @@ def check_encodable(value: Any) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ServeError(400, "text is not valid Unicode (lone surrogate)") from e
+            raise ServeError(400, "text is not valid Unicode (a lone surrogate)") from e
     elif isinstance(value, dict | list):
         for v in value.values() if isinstance(value, dict) else value:
             check_encodable(v)
