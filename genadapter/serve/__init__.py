@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .app import BODY_TIMEOUT, MAX_BODY
 
@@ -82,12 +83,17 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch < 1:
         print("error: --max-batch must be >= 1", file=sys.stderr)
         return 2
+    if not Path(args.keys_file).exists():
+        print(f"note: no keys in {args.keys_file} yet: `genadapter keys add`", file=sys.stderr)
     try:
         ga = load_adapter(args)
+        service, app = build(ga, args)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
-    service, app = build(ga, args)
+    except (ValueError, OSError) as e:  # a broken keys file, an unwritable state dir
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     server, sock = make_server(app, args.host, args.port, args.head_timeout, log=args.log)
     host, port = sock.getsockname()[:2]
     server.banner = f"serving generator {ga.generator.fingerprint()} on http://{host}:{port}"

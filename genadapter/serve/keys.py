@@ -43,7 +43,10 @@ def load_keys(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a genadapter keys file: {e}") from e
     if not isinstance(data, dict) or not isinstance(data.get("tenants"), dict):
         raise ValueError(f"{path} is not a genadapter keys file")
     return data["tenants"]
