@@ -10,6 +10,7 @@ it changes on disk, so `revoke` takes effect on a running server without a resta
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import hmac
 import json
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +76,37 @@ def save_keys(path: str | Path, tenants: dict[str, list[dict[str, Any]]]) -> Non
         os.close(dir_fd)
 
 
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the keys file's folder: two `keys add` at once lose nothing."""
+    folder = Path(path).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def add_key(path: str | Path, tenant: str) -> str:
     """A new key for `tenant` (its other keys stay valid); returns the key, stores its hash."""
     check_tenant(tenant)
     key = "ga-" + secrets.token_urlsafe(32)
-    tenants = load_keys(path)
-    tenants.setdefault(tenant, []).append({"sha256": digest(key), "created": int(time.time())})
-    save_keys(path, tenants)
+    with locked(path):
+        tenants = load_keys(path)
+        record = {"sha256": digest(key), "created": int(time.time())}
+        tenants.setdefault(tenant, []).append(record)
+        save_keys(path, tenants)
     return key
 
 
 def revoke(path: str | Path, tenant: str) -> int:
     """Remove every key of `tenant`; returns how many there were."""
-    tenants = load_keys(path)
-    removed = len(tenants.pop(tenant, []))
-    save_keys(path, tenants)
+    with locked(path):
+        tenants = load_keys(path)
+        removed = len(tenants.pop(tenant, []))
+        save_keys(path, tenants)
     return removed
 
 
