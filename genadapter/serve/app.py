@@ -193,7 +193,7 @@ async def start(service: Service, tenant: str, ids: list[int], req: Sampling) ->
         with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody listens
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-    job = Job(ids, state, req.limit, emit, req.temperature, req.top_p, req.stops, req.seed)
+    job = Job(ids, state, req.limit, emit, *req.sampling, req.stops, req.seed)
     job.ignore_eos = req.ignore_eos
     if not service.scheduler.submit(job):
         raise ServeError(503, "the server is busy, retry later", "server_error")

@@ -21,8 +21,8 @@ class Sampling(Body):
     model: str | None = None  # any name: the API key, not the model, selects the adapter
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0: greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # 0: greedy; None: 1, as OpenAI
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: Literal[1] = 1
@@ -34,6 +34,11 @@ class Sampling(Body):
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
+
+    @property
+    def sampling(self) -> tuple[float, float]:
+        """(temperature, top_p), OpenAI's defaults for what the request leaves out."""
+        return (1.0 if self.temperature is None else self.temperature), (self.top_p or 1.0)
 
     @property
     def limit(self) -> int:
