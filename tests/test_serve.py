@@ -577,3 +577,37 @@ def test_serve_help_shows_a_session(capsys):
     out = capsys.readouterr().out
     for piece in ("keys add alice", "--keys-file", "curl", "/v1/read", "OpenAI(base_url="):
         assert piece in out
+
+
+@pytest.mark.real
+def test_real_model_rows_of_four_tenants_decode_as_alone(tmp_path, keys_file):
+    """On SmolLM2 and a trained generator (30 layers: where padding numerics would show), rows
+    that join a running batch at different steps give HF's greedy tokens exactly."""
+    from genadapter import GenerativeAdapter
+    from genadapter.assets import is_complete, smollm2_dir
+
+    if not is_complete(smollm2_dir()):
+        pytest.fail("offline SmolLM2 assets missing: run `make assets`")
+    root = Path(__file__).resolve().parents[1]
+    ga = GenerativeAdapter.from_pretrained(root / "experiments/finetune/smollm2-instruct-generator")
+    docs = ["Ann's cat is called Miso.", "Ben keeps the lighthouse on Rona.", DOCS[3], DOCS[6]]
+    prompts = ["The history of Paris began", "Once upon a time, a keeper", "My recipe is", "In"]
+    with serving(ga, tmp_path, keys_file) as srv:
+        for tenant, doc in zip(TENANTS, docs, strict=True):
+            with srv.http(tenant) as h:
+                assert h.post("/v1/read", json={"text": doc}).status_code == 200
+
+        def complete(i: int) -> str:
+            time.sleep(0.05 * i)  # arrive while the others decode
+            r = srv.openai(TENANTS[i]).completions.create(
+                model="genadapter", prompt=prompts[i], max_tokens=24, temperature=0
+            )
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(complete, range(4)))
+        sched = srv.service.scheduler
+        assert sched.rows > sched.steps  # rows shared forwards
+    for i, prompt in enumerate(prompts):
+        state = read_all(ga, [docs[i]])
+        assert got[i] == ga.generate(prompt, state=state, max_new_tokens=24, chat=False)
