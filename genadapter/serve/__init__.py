@@ -23,8 +23,9 @@ from .app import BODY_TIMEOUT, MAX_BODY
 PORT = 8080
 SESSION = """\
 a session (copy-paste; DIR is a saved generator, e.g. experiments/finetune/smollm2-instruct-generator):
-  KEY=$(genadapter keys add alice --keys-file keys.json)
+  export KEY=$(genadapter keys add alice --keys-file keys.json)
   genadapter serve --generator DIR --state-dir states --keys-file keys.json &
+  until curl -sf http://127.0.0.1:8080/health > /dev/null; do sleep 1; done   # loading the model
   curl -s http://127.0.0.1:8080/v1/read -H "Authorization: Bearer $KEY" \\
        -H "Content-Type: application/json" -d '{"text": "Ada Lovelace wrote the first program."}'
   python -c "from openai import OpenAI; import os
