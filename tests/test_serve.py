@@ -94,6 +94,7 @@ def test_openai_client_chat_completions_and_streaming(ga, tmp_path, keys_file):
         state = read_all(ga, DOCS[:2])
         client = srv.openai("alice")
         assert [m.id for m in client.models.list()] == ["genadapter"]
+        assert client.models.retrieve("genadapter").id == "genadapter"
 
         want = ga.generate("Where is it?", state=state, max_new_tokens=6, chat=True)
         r = client.chat.completions.create(

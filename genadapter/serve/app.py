@@ -289,7 +289,11 @@ async def answer(service: Service, tenant: str, req: Sampling, chat: bool) -> Re
 
 # --- routes ------------------------------------------------------------------------------------
 def add_routes(app: FastAPI, service: Service) -> None:
-    store = service.store
+    add_openai_routes(app, service)
+    add_state_routes(app, service)
+
+
+def add_openai_routes(app: FastAPI, service: Service) -> None:
     fingerprint = service.ga.generator.fingerprint()
 
     @app.get("/health")
@@ -297,11 +301,18 @@ def add_routes(app: FastAPI, service: Service) -> None:
         sched = service.scheduler  # forwards run and tokens decoded so far (for load tests)
         return {"ok": True, "generator": fingerprint, "forwards": sched.steps, "tokens": sched.rows}
 
+    model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "genadapter"}
+    model |= {"generator": fingerprint, "base_model": service.ga.config.base_model}
+
     @app.get("/v1/models")
     def models(tenant: str = Depends(tenant_of)) -> dict:
-        model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "genadapter"}
-        model |= {"generator": fingerprint, "base_model": service.ga.config.base_model}
         return {"object": "list", "data": [model]}
+
+    @app.get("/v1/models/{name}")
+    def one_model(name: str, tenant: str = Depends(tenant_of)) -> dict:
+        if name != MODEL:
+            raise ServeError(404, f"no model {name!r}: this server has {MODEL!r}")
+        return model
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, tenant: str = Depends(tenant_of)) -> Response:
@@ -310,6 +321,10 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request, tenant: str = Depends(tenant_of)) -> Response:
         return await answer(service, tenant, await parse(request, CompletionRequest), chat=False)
+
+
+def add_state_routes(app: FastAPI, service: Service) -> None:
+    store = service.store
 
     @app.post("/v1/read")
     async def read(request: Request, tenant: str = Depends(tenant_of)) -> dict:
