@@ -38,7 +38,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("genadapter.stream.chat", "multi-turn chat with a state applied"),
     "merge-states": ("genadapter.stream.merge", "sum states of one generator into one"),
     "export-lora": ("genadapter.stream.export", "write a state's adapter as a PEFT LoRA directory"),
-    "serve": ("genadapter.serve", "HTTP API on localhost: one state per tenant"),
+    "serve": (
+        "genadapter.serve",
+        "OpenAI-compatible service: one generated adapter per API key (docs/serving.md)",
+    ),
+    "keys": ("genadapter.serve.keys", "add or revoke the API key of a tenant of `serve`"),
 }
 
 
