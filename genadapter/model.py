@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .assets import load_base_model
 from .chunking import cut, pad
 from .config import GeneratorConfig
+from .devices import to_device
 from .generator import Generator, LoRA, ModuleGenerator, Writes
 from .state import AdapterState, StateMismatchError
 from .targets import decoder_layers, find_targets
@@ -271,8 +272,8 @@ class GenerativeAdapter(nn.Module):
         ]
         try:
             self.base_model.base_model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
+                input_ids=to_device(input_ids, self.device),
+                attention_mask=to_device(attention_mask, self.device),
                 use_cache=False,
             )
         except _HaveAllLayers:
@@ -290,8 +291,10 @@ class GenerativeAdapter(nn.Module):
         """What chunks (b, C), right-padded, write: one frozen forward, then the generator.
         `read` and every training objective read through here (`weight`: `Generator.write`)."""
         hidden = self.context_features(ids, mask)
-        mask = mask.to(self.device)
-        return self.generator.write(hidden, mask, None if weight is None else weight.to(mask))
+        mask = to_device(mask, self.device)
+        return self.generator.write(
+            hidden, mask, None if weight is None else to_device(weight, self.device)
+        )
 
     def read(
         self,
@@ -320,41 +323,61 @@ class GenerativeAdapter(nn.Module):
             n_chunks.append(len(pieces))
         if not chunks:
             return state.clone()
-        row_decay = (gamma ** torch.tensor(n_chunks, dtype=state.n.dtype)).to(self.device)
+        # everything the loop needs reaches the device in one asynchronous copy before it: the
+        # loop itself never waits for the host (no blocking copy, no sync per forward)
+        dev, dtype = self.device, state.n.dtype
+        ids, mask = pad([piece for _, piece, _ in chunks])
+        widths = [len(piece) for _, piece, _ in chunks]
+        after = torch.tensor([after for _, _, after in chunks], dtype=dtype)
+        ids, mask, weight, row_idx, row_decay = (
+            to_device(t, dev)
+            for t in (
+                ids,
+                mask,
+                gamma**after,
+                torch.tensor([i for i, _, _ in chunks]),
+                gamma ** torch.tensor(n_chunks, dtype=dtype),
+            )
+        )
         S = {k: s * row_decay[:, None, None] for k, s in state.S.items()}
         n = state.n * row_decay
         per_forward = self.chunk_batch_size or max(
             1, self.read_batch_tokens // self.config.chunk_len
         )
         for start in range(0, len(chunks), per_forward):
-            batch = chunks[start : start + per_forward]
-            writes = self.read_chunks(*pad([piece for _, piece, _ in batch]))
-            after = torch.tensor([after for _, _, after in batch], dtype=state.n.dtype)
-            weight = (gamma**after).to(self.device)
-            row_idx = torch.tensor([i for i, _, _ in batch], device=self.device)
+            end = start + per_forward
+            width = max(widths[start:end])  # padded to this forward's longest chunk only
+            writes = self.read_chunks(ids[start:end, :width], mask[start:end, :width])
+            w, rows_of = weight[start:end], row_idx[start:end]
             for k, dS in writes.S.items():
-                S[k] = S[k].index_add(0, row_idx, dS * weight[:, None, None])
-            n = n.index_add(0, row_idx, writes.n * weight)
+                S[k] = S[k].index_add(0, rows_of, dS * w[:, None, None])
+            n = n.index_add(0, rows_of, writes.n * w)
         return AdapterState(S, n, state.generator, state.config, dict(state.metadata))
 
     # --- the adapted model ------------------------------------------------------------------
     @contextlib.contextmanager
     def adapted(
-        self, state: AdapterState, keep_queries: bool = False
+        self, state: AdapterState, keep_queries: bool = False, check: bool = True
     ) -> Iterator[dict[str, Tensor]]:
         """Within the block, every forward of `base_model` uses the state (side path, per row):
         each target's output gains (alpha/r) B N(S)^T A x, as the two small matmuls
         (x lora_A^T)(scaling B^T), never the out x in dW.
 
         Yields a dict that, with `keep_queries`, holds each target's last query A x (b, s, r_in)
-        after a forward: what the state's keys are matched against (for losses and probes)."""
+        after a forward: what the state's keys are matched against (for losses and probes).
+
+        `check=False` (training objectives, whose states are this generator's writes of the
+        same step) skips the fingerprint: it hashes K and V on the host, a device sync per step."""
         if self._merged:
             raise RuntimeError(
                 "a state is merged into the weights: call without state= inside merged()"
             )
-        self.check_state(state)
+        if check:
+            self.check_state(state)
         queries: dict[str, Tensor] = {}
-        if bool(state.is_empty().all()):
+        # an empty state adds exact zeros; skipping its hooks is only worth a check that costs no
+        # device->host sync (on an accelerator the hooks run and add those zeros)
+        if state.n.device.type == "cpu" and bool(state.is_empty().all()):
             yield queries  # an empty state is exactly the base model
             return
         lora = self.generator.lora(state.S, state.n)

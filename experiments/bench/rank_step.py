@@ -47,7 +47,7 @@ def full_rows(ga: GenerativeAdapter, batch: dict) -> dict:
     cands = [ids[m] for ids, m in zip(batch["cand_ids"], batch["cand_mask"].bool(), strict=True)]
     owner = torch.cat([torch.arange(len(prompts)), batch["cand_row"]])
     rows = pad_rows([prompts[i].tolist() for i in owner], [c.tolist() for c in answers + cands], 0)
-    with ga.adapted(episode_state(ga, writes, batch["row_episode"][owner])):
+    with ga.adapted(episode_state(ga, writes, batch["row_episode"][owner]), check=False):
         loss_sum, n_tok = row_losses(ga.base_model, *(rows[k] for k in keys))
     R = len(prompts)
     mean = loss_sum / n_tok.clamp(min=1)

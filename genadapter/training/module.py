@@ -110,6 +110,17 @@ class GeneratorPretraining(L.LightningModule):
             self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank
         )
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        """Pretraining batches keep a CPU copy of their mask (`host_mask`): targets and real
+        chunks are planned from it, so the step never waits for the device to read the mask."""
+        host = None
+        if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+            host = batch["attention_mask"] if batch["attention_mask"].dim() == 3 else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if host is not None:
+            batch["host_mask"] = host
+        return batch
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         h = self.hparams
         out = pretrain_losses(
@@ -119,11 +130,13 @@ class GeneratorPretraining(L.LightningModule):
             h.targets_per_doc,
             h.completion_weight,
             self._rng(),
+            host_mask=batch.get("host_mask"),
         )
         tokens = batch["attention_mask"].sum()
-        self._batch_hashes.append(
-            hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
-        )
+        if os.environ.get("GENADAPTER_AUDIT_DIR"):  # hashing copies the batch back to the host
+            self._batch_hashes.append(
+                hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
+            )
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0])
         for k in OBJECTIVES:
             if f"{k}/loss_adapted" in out:
