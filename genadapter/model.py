@@ -248,7 +248,9 @@ class GenerativeAdapter(nn.Module):
         return ids
 
     @torch.no_grad()
-    def context_features(self, input_ids: Tensor, attention_mask: Tensor) -> dict[int, Tensor]:
+    def context_features(
+        self, input_ids: Tensor, attention_mask: Tensor | None
+    ) -> dict[int, Tensor]:
         """{layer l: hidden state entering decoder layer l} (HF `hidden_states[l]`) for every layer
         the generator adapts, when the frozen LM reads these chunks alone.
 
@@ -273,8 +275,12 @@ class GenerativeAdapter(nn.Module):
         try:
             self.base_model.base_model(
                 input_ids=to_device(input_ids, self.device),
-                attention_mask=to_device(attention_mask, self.device),
-                use_cache=False,
+                attention_mask=None
+                if attention_mask is None
+                else to_device(attention_mask, self.device),
+                # with a cache HF skips its check for packed sequences, which waits for the
+                # device; the cache's first update stores each layer's K, V without a copy
+                use_cache=True,
             )
         except _HaveAllLayers:
             pass
@@ -287,10 +293,16 @@ class GenerativeAdapter(nn.Module):
             )
         return captured
 
-    def read_chunks(self, ids: Tensor, mask: Tensor, weight: Tensor | None = None) -> Writes:
+    def read_chunks(
+        self, ids: Tensor, mask: Tensor, weight: Tensor | None = None, mask_attention: bool = True
+    ) -> Writes:
         """What chunks (b, C), right-padded, write: one frozen forward, then the generator.
-        `read` and every training objective read through here (`weight`: `Generator.write`)."""
-        hidden = self.context_features(ids, mask)
+        `read` and every training objective read through here (`weight`: `Generator.write`).
+
+        `mask_attention=False` runs the frozen forward without the mask: causal attention never
+        lets right padding reach a real token, and HF's check of a mask waits for the device.
+        (`read` masks only forwards that hold padding, as before: states stay bit-exact.)"""
+        hidden = self.context_features(ids, mask if mask_attention else None)
         mask = to_device(mask, self.device)
         return self.generator.write(
             hidden, mask, None if weight is None else to_device(weight, self.device)
@@ -347,7 +359,11 @@ class GenerativeAdapter(nn.Module):
         for start in range(0, len(chunks), per_forward):
             end = start + per_forward
             width = max(widths[start:end])  # padded to this forward's longest chunk only
-            writes = self.read_chunks(ids[start:end, :width], mask[start:end, :width])
+            writes = self.read_chunks(
+                ids[start:end, :width],
+                mask[start:end, :width],
+                mask_attention=min(widths[start:end]) < width,  # HF drops an all-ones mask
+            )
             w, rows_of = weight[start:end], row_idx[start:end]
             for k, dS in writes.S.items():
                 S[k] = S[k].index_add(0, rows_of, dS * w[:, None, None])

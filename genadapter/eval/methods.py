@@ -57,6 +57,10 @@ class HFLM:
     def __init__(self, model: nn.Module, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids).logits
@@ -82,6 +86,10 @@ class AdapterLM:
     def __init__(self, ga, state) -> None:
         self.ga, self.state = ga, state
         self.hf = HFLM(ga.base_model, ga.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ga.device
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -128,7 +136,7 @@ class Adapted:
         """Greedy answer, first line only."""
         ids = self._prompt(question, self.max_new_tokens)
         text, n_new = self.lm.generate(
-            as_tensor(ids), self.max_new_tokens, self.fmt.stop_token_ids()
+            as_tensor(ids, self.lm.device), self.max_new_tokens, self.fmt.stop_token_ids()
         )
         self._track_kv(len(ids) + n_new)
         return self.fmt.clean_answer(text)
@@ -137,7 +145,8 @@ class Adapted:
         target = self.fmt.answer_ids(answer)
         ids = self._prompt(question, len(target)) + target
         self._track_kv(len(ids))
-        return target_logprobs(self.lm.logits(as_tensor(ids)), as_tensor(ids), len(target))
+        ids = as_tensor(ids, self.lm.device)
+        return target_logprobs(self.lm.logits(ids), ids, len(target))
 
     def answer_nll(self, question: str, answer: str) -> float:
         """Teacher-forced negative log-likelihood of the gold answer, nats per answer token."""
@@ -337,8 +346,9 @@ class TTTMethod(Method):
 
     def context_windows(self, context_texts: list[str]) -> list[torch.Tensor]:
         ids = self.tokenizer(join_context(context_texts)).input_ids
+        device = next(self.model.parameters()).device
         return [
-            as_tensor(ids[i : i + self.max_len])
+            as_tensor(ids[i : i + self.max_len], device)
             for i in range(0, len(ids) - 1, self.max_len)
             if len(ids[i : i + self.max_len]) > 1
         ]

@@ -41,7 +41,7 @@ def chunk_writes(
     where = real_chunks(mask if host_mask is None else host_mask)
     where = to_device(where, input_ids.device)
     flat = [x.flatten(0, 1)[where] if x is not None else None for x in (input_ids, mask, weight)]
-    writes = ga.read_chunks(*flat)
+    writes = ga.read_chunks(*flat, mask_attention=False)  # right-padded chunks
     where = where.to(ga.device)
 
     def per_chunk(x: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ def token_losses(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, 
 
 
 def row_losses(
-    model, ids: Tensor, attention_mask: Tensor, target_mask: Tensor
+    model, ids: Tensor, attention_mask: Tensor | None, target_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`token_losses` of `model` run on right-padded rows, scoring the tokens of `target_mask`."""
     logits = model(input_ids=ids, attention_mask=attention_mask).logits
@@ -153,8 +153,9 @@ def pretrain_losses(
     t = sample_targets(host_mask, per_doc, completion_weight, generator)
     doc, chunk = to_device(t.doc, ga.device), to_device(t.chunk, ga.device)
     rows_ids, rows_mask = input_ids[doc, chunk], mask[doc, chunk]
+    # target chunks are right-padded: no attention mask needed (none to check on the device)
     with ga.adapted(target_state(ga, writes, t), check=False):
-        loss_sum, n_tok = row_losses(ga.base_model, rows_ids, rows_mask, rows_mask)
+        loss_sum, n_tok = row_losses(ga.base_model, rows_ids, None, rows_mask)
     # row selectors as 0/1 weights (boolean indexing would wait for the device to count rows)
     parts = {
         k: to_device(sel.to(loss_sum.dtype), ga.device)
@@ -169,7 +170,7 @@ def pretrain_losses(
     out["loss"] = sum(weight[k] * out[f"{k}/loss_adapted"] for k in parts)
     if with_base:
         with torch.no_grad():
-            base_sum, _ = row_losses(ga.base_model, rows_ids, rows_mask, rows_mask)
+            base_sum, _ = row_losses(ga.base_model, rows_ids, None, rows_mask)
         out.update(
             {f"{k}/loss_base": mean_per_token(base_sum * s, n_tok * s) for k, s in parts.items()}
         )
