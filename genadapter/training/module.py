@@ -5,6 +5,7 @@ Checkpoints hold the generator (and, through Lightning, the optimiser), never th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -85,9 +86,24 @@ class GeneratorPretraining(L.LightningModule):
             torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
         self.tokenizer_name = base_model
+        self._checkpoint_layers()
         self._val_sums: dict[str, torch.Tensor] = {}
         self._references: dict[str, dict[str, torch.Tensor]] = {}  # see REFERENCE_KEYS
         self._batch_hashes: list[str] = []  # what this rank trained on, for the audit file
+
+    def train(self, mode: bool = True) -> GeneratorPretraining:
+        super().train(mode)  # the frozen LM stays in eval mode (GenerativeAdapter.train)
+        self._checkpoint_layers()
+        return self
+
+    def _checkpoint_layers(self) -> None:
+        """HF recomputes a checkpointed decoder layer only while that layer is in training mode,
+        and the frozen LM is always in eval mode: set the flag on the layer modules alone (their
+        attention, MLP and dropout stay in eval mode)."""
+        if self.hparams.gradient_checkpointing:
+            ga = self.ga
+            for i in range(ga.base_model.config.num_hidden_layers):
+                ga._modules_by_name[f"{ga._layers_name}.{i}"].training = True
 
     # only the generator is state: the frozen LM is rebuilt from its name
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -233,15 +249,18 @@ class GeneratorPretraining(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.ga.save_pretrained(Path(self.hparams.export_dir))
-        audit = os.environ.get("GENADAPTER_AUDIT_DIR")
-        if audit:  # per-rank record of weights and data, to check distributed runs
-            Path(audit).mkdir(parents=True, exist_ok=True)
-            record = {
-                "rank": self.global_rank,
-                "generator": self.ga.generator.fingerprint(),
-                "global_step": self.global_step,
-                "batches": self._batch_hashes,
-            }
-            (Path(audit) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
+        # a sharded generator (GeneratorFSDP) is gathered whole on every rank first
+        whole = getattr(self.trainer.strategy, "full_generator", contextlib.nullcontext)
+        with whole():
+            if self.hparams.export_dir and self.trainer.is_global_zero:
+                self.ga.save_pretrained(Path(self.hparams.export_dir))
+            audit = os.environ.get("GENADAPTER_AUDIT_DIR")
+            if audit:  # per-rank record of weights and data, to check distributed runs
+                Path(audit).mkdir(parents=True, exist_ok=True)
+                record = {
+                    "rank": self.global_rank,
+                    "generator": self.ga.generator.fingerprint(),
+                    "global_step": self.global_step,
+                    "batches": self._batch_hashes,
+                }
+                (Path(audit) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
