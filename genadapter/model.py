@@ -61,6 +61,7 @@ class GenerativeAdapter(nn.Module):
         self.chunk_batch_size: int | None = None
         self.read_batch_tokens = 1024
         self._merged = False
+        self.active_lora: dict[str, LoRA] | None = None  # the side paths hooked on (side_paths)
         self._modules_by_name = dict(base_model.named_modules())
         self._layers_name = decoder_layers(base_model)[0]  # the ModuleList of decoder layers
         self.generator.to(self.device)
@@ -397,15 +398,27 @@ class GenerativeAdapter(nn.Module):
             yield queries  # an empty state is exactly the base model
             return
         lora = self.generator.lora(state.S, state.n)
-        handles = []
+        with self.side_paths(lora, queries if keep_queries else None):
+            yield queries
+
+    @contextlib.contextmanager
+    def side_paths(
+        self, lora: dict[str, LoRA], queries: dict[str, Tensor] | None = None
+    ) -> Iterator[None]:
+        """Each target's side path hooked on within the block (`adapted` makes `lora` from a
+        state). `active_lora` names it meanwhile: a checkpointed layer, recomputed in the
+        backward after the block has closed, re-enters the side paths it ran with."""
+        handles, previous = [], self.active_lora
+        self.active_lora = lora
         try:
             for name in self.generator.names:
-                hook = self._side_path(name, lora[name], queries if keep_queries else None)
+                hook = self._side_path(name, lora[name], queries)
                 handles.append(self._modules_by_name[name].register_forward_hook(hook))
-            yield queries
+            yield
         finally:
             for h in handles:
                 h.remove()
+            self.active_lora = previous
 
     def _side_path(self, name: str, lora: LoRA, queries: dict[str, Tensor] | None):
         """The forward hook that adds one target's per-row LoRA to its output."""

@@ -101,6 +101,10 @@ class GeneratorFSDP(FSDPStrategy):
             for k, p in params.items():
                 p.data = shards[k]
 
+    def clip_generator_gradients(self, max_norm: float) -> None:
+        """Clip by the norm over every rank's gradient shards (`trainer.gradient_clip_val`)."""
+        self.model.clip_grad_norm_(max_norm)
+
     # --- sharded checkpoints ----------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, torch.Tensor]:
         # outside a forward, each generator parameter is a view of this rank's slice of the flat

@@ -70,7 +70,10 @@ class GeneratorPretraining(L.LightningModule):
         model, tokenizer = load_base_model(base_model, dtype=getattr(torch, base_dtype))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+                gradient_checkpointing_kwargs={
+                    "use_reentrant": False,
+                    "context_fn": self._checkpoint_contexts,
+                }
             )
         if init_from is not None:
             self.ga = GenerativeAdapter.from_pretrained(
@@ -95,6 +98,13 @@ class GeneratorPretraining(L.LightningModule):
         super().train(mode)  # the frozen LM stays in eval mode (GenerativeAdapter.train)
         self._checkpoint_layers()
         return self
+
+    def _checkpoint_contexts(self) -> tuple[Any, Any]:
+        """(forward, recompute) contexts of a checkpointed frozen layer: it is recomputed in the
+        backward, after `adapted` has taken the side paths off, so it puts back those it ran with."""
+        lora = self.ga.active_lora
+        recompute = contextlib.nullcontext() if lora is None else self.ga.side_paths(lora)
+        return contextlib.nullcontext(), recompute
 
     def _checkpoint_layers(self) -> None:
         """HF recomputes a checkpointed decoder layer only while that layer is in training mode,
@@ -224,6 +234,19 @@ class GeneratorPretraining(L.LightningModule):
                 sync_dist=False,
                 rank_zero_only=True,
             )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # a sharded generator's norm spans every rank's shard: GeneratorFSDP computes it
+        clip = getattr(self.trainer.strategy, "clip_generator_gradients", None)
+        if clip is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         h = self.hparams
