@@ -63,6 +63,8 @@ def test_7b_config_trains_two_steps_on_a_tiny_model_of_its_family(tmp_path, tiny
         "data.hf_config": "null",
         "data.shuffle_buffer": 8,
         "data.val_percent": 0.0,
+        "data.batch_size": 2,
+        "data.max_chunks": 4,
         "trainer.accelerator": "cpu",
         "trainer.devices": 2,
         "trainer.max_steps": 2,
@@ -105,7 +107,7 @@ def test_gradient_checkpointing_recomputes_the_frozen_layers(tiny_dir):
         layer = ga._modules_by_name[f"{ga._layers_name}.0"]
         count = []
         # HF checkpoints the layer's forward: its MLP is entered again when it is recomputed
-        layer.mlp.register_forward_pre_hook(lambda *_: count.append(torch.is_grad_enabled()))
+        layer.mlp.register_forward_pre_hook(lambda *_, c=count: c.append(torch.is_grad_enabled()))
         out = pretrain_losses(ga, batch, mask, 2, 0.5, torch.Generator().manual_seed(0))
         forwards = len(count)
         out["loss"].backward()
