@@ -173,6 +173,10 @@ def main() -> int:
                     m: memory.get(f"{m}@{n}", {}).get("rss_before_mib")
                     for m in ("side", "merged", "prompt")
                 },
+                "peak_gpu_mib": {  # on a GPU only: the allocator's peak while answering
+                    m: memory.get(f"{m}@{n}", {}).get("peak_gpu_mib")
+                    for m in ("side", "merged", "prompt")
+                },
             }
         )
     kv_8k = 8192 * kv_per_token
