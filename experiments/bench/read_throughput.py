@@ -20,10 +20,13 @@ import torch
 
 
 def main() -> int:
-    args = common.parser(__doc__).parse_args()
+    p = common.parser(__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", help="chunk lengths (default: see above)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="chunks per forward")
+    args = p.parse_args()
     env = common.setup(args)
-    lengths = (128, 512) if args.quick else (128, 512, 2048)
-    batches = (1, 8)
+    lengths = args.lengths or ((128, 512) if args.quick else (128, 512, 2048))
+    batches = args.batches
     reps = args.reps or (3 if args.quick else 5)
 
     ga = common.load_adapter(args)

@@ -56,10 +56,15 @@ PEAK_TFLOPS = {
 
 
 # --- 1. tests ---------------------------------------------------------------------------------
-def run_tests(device: str, out: Path) -> dict[str, Any]:
+# the dry run keeps to the core properties and the sync count: CI's `make test` runs the rest
+QUICK_TESTS = "cpu and (streaming or side_path or peft or read_and_generate or sync)"
+
+
+def run_tests(device: str, quick: bool, out: Path) -> dict[str, Any]:
     """tests/test_devices.py for this device (pytest in its own process, results from JUnit XML)."""
     xml = out / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", device]
+    selection = QUICK_TESTS if quick and device == "cpu" else device
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection]
     cmd += ["--junitxml", str(xml), str(ROOT / "tests" / "test_devices.py")]
     start = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -73,6 +78,7 @@ def run_tests(device: str, out: Path) -> dict[str, Any]:
         "ok": bool(ok),
         "seconds": time.perf_counter() - start,
         **{k: len(v) for k, v in outcome.items()},
+        "selection": selection,
         "failures": outcome["failed"],
         "log_tail": "" if ok else (res.stdout + res.stderr)[-3000:],
     }
@@ -146,8 +152,8 @@ def run_pretraining(device: str, quick: bool, out: Path, minutes: float) -> dict
     if quick:  # a few small steps: the same code path, not the same figures
         small = {"model.generator.chunk_len": 32, "data.chunk_len": 32, "data.max_chunks": 4}
         small.update({"data.batch_size": 2, "data.val_documents": 4, "data.val_batch_size": 2})
-        small.update({"trainer.max_steps": 4, "trainer.val_check_interval": 4})
-        small.update({"trainer.limit_val_batches": 2, "data.join_topic": 1})
+        small.update({"trainer.max_steps": 3, "trainer.val_check_interval": 3})
+        small.update({"trainer.limit_val_batches": 1, "data.join_topic": 1})
         small.update({"model.warmup_steps": 2})
         args += [a for k, v in small.items() for a in (f"--{k}", str(v))]
     cfg = build_parser().parse_args(args)
@@ -155,6 +161,7 @@ def run_pretraining(device: str, quick: bool, out: Path, minutes: float) -> dict
     timer = StepTimer()
     trainer.callbacks.append(timer)
     if device == "cuda":
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -189,10 +196,10 @@ def run_benchmarks(device: str, quick: bool, out: Path) -> dict[str, Any]:
     """answer_latency (at 8K* and 32K), train_step and read_throughput, each in its own process."""
     bench_out = out / "bench"
     common = ["--device", device, "--out", str(bench_out)]
-    plans = {
-        "answer_latency": ["--sizes", *(["256", "1024"] if quick else ["8128", "32768"])],
+    plans = {  # the dry run: small contexts and chunks, one round
+        "answer_latency": ["--sizes", *(["128", "512"] if quick else ["8128", "32768"])],
         "train_step": [],
-        "read_throughput": [],
+        "read_throughput": ["--lengths", "128", "--batches", "1", "4"] if quick else [],
     }
     results = {}
     for name, extra in plans.items():
@@ -269,7 +276,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Tests", ""]
     lines.append(
         f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
-        f"{tests.get('skipped', 0)} skipped (tests/test_devices.py -k {env['device']})."
+        f"{tests.get('skipped', 0)} skipped (tests/test_devices.py -k "
+        f"'{tests.get('selection', env['device'])}')."
         + (f" Failed: {', '.join(tests['failures'])}." if tests.get("failures") else "")
     )
     if train.get("steps"):
@@ -380,7 +388,7 @@ def main() -> int:
         except Exception as e:  # one broken part must not hide what the others measure
             return {"ok": False, "log_tail": f"{type(e).__name__}: {e}"}
 
-    report["tests"] = part("tests", run_tests, args.device, out)
+    report["tests"] = part("tests", run_tests, args.device, args.quick, out)
     # the training run gets what the budget leaves after the benchmarks' share
     minutes = 3.0 if not args.quick else 1.0
     report["pretraining"] = part(
