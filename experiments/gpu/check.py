@@ -84,6 +84,37 @@ def run_tests(device: str, quick: bool, out: Path) -> dict[str, Any]:
     }
 
 
+# --- the dry run's model -------------------------------------------------------------------------
+def tiny_generator(out: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and a random generator on it, saved: the dry
+    run runs every part on it, so that it takes a minute on a CPU (its figures mean nothing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from genadapter import GenerativeAdapter, GeneratorConfig
+    from genadapter.assets import smollm2_dir
+
+    model_dir, generator_dir = out / "tiny-model", out / "tiny-generator"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ga = GenerativeAdapter.from_base(str(model_dir), GeneratorConfig(r=8, r_in=8, chunk_len=32))
+    with torch.no_grad():
+        for block in ga.generator.blocks.values():
+            block.B.normal_(std=0.02)  # B = 0 would make the side path a no-op
+    ga.save_pretrained(generator_dir)
+    return generator_dir
+
+
 # --- 2. pretraining -----------------------------------------------------------------------------
 def layer_params(model: torch.nn.Module) -> tuple[int, int]:
     """(parameters of one decoder layer, parameters of the LM head)."""
@@ -143,10 +174,16 @@ class StepTimer(L.Callback):
         self.flops.append(step_flops(module.ga, mask, len(rows.doc)))
 
 
-def run_pretraining(device: str, quick: bool, out: Path, minutes: float) -> dict[str, Any]:
+def run_pretraining(
+    device: str, quick: bool, out: Path, minutes: float, tiny: Path | None
+) -> dict[str, Any]:
+    from genadapter import GeneratorConfig
     from genadapter.training.cli import build, build_parser
 
     args = ["--config", str(CONFIG), "--run_dir", str(out / "pretrain")]
+    if tiny is not None:
+        base = GeneratorConfig.load(tiny / "generator_config.json").base_model
+        args += ["--model.base_model", base]
     args += ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu"]
     args += ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
     if quick:  # a few small steps: the same code path, not the same figures
@@ -192,10 +229,11 @@ def run_pretraining(device: str, quick: bool, out: Path, minutes: float) -> dict
 
 
 # --- 3. benchmarks ------------------------------------------------------------------------------
-def run_benchmarks(device: str, quick: bool, out: Path) -> dict[str, Any]:
+def run_benchmarks(device: str, quick: bool, out: Path, tiny: Path | None) -> dict[str, Any]:
     """answer_latency (at 8K* and 32K), train_step and read_throughput, each in its own process."""
     bench_out = out / "bench"
     common = ["--device", device, "--out", str(bench_out)]
+    common += ["--generator", str(tiny)] if tiny is not None else []
     plans = {  # the dry run: small contexts and chunks, one round
         "answer_latency": ["--sizes", *(["128", "512"] if quick else ["8128", "32768"])],
         "train_step": [],
@@ -260,6 +298,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"# GPU check: {env['device_name']} ({report['mode']})",
         "",
+        f"Model: {report['model']}."
+        + (" A dry run: every part runs, its figures say nothing." if env["quick"] else ""),
+        "",
         f"{report['seconds'] / 60:.1f} min, {verdict} the {report['budget_s'] / 60:.0f}-minute "
         f"budget. torch {env['torch']}, CUDA {env['cuda']}, commit {env['commit']}, {env['date']}. "
         f"Regenerate: `{report['command']}`.",
@@ -284,7 +325,7 @@ def markdown(report: dict) -> str:
         gap = train["gap_closed"]
         lines += [
             "",
-            "## Pretraining (SmolLM2-135M-Instruct, wiki, experiments/gpu/pretrain_smollm2.yaml)",
+            f"## Pretraining ({report['model']}, wiki, experiments/gpu/pretrain_smollm2.yaml)",
             "",
             f"{train['steps']} of {train['planned_steps']} steps, {train['precision']}, "
             f"{train['batch']}: **{train['step_s_median'] * 1e3:.0f} ms a step** (median), "
@@ -389,12 +430,14 @@ def main() -> int:
             return {"ok": False, "log_tail": f"{type(e).__name__}: {e}"}
 
     report["tests"] = part("tests", run_tests, args.device, args.quick, out)
+    tiny = tiny_generator(out) if args.quick else None
+    report["model"] = "a tiny random Llama" if tiny else "HuggingFaceTB/SmolLM2-135M-Instruct"
     # the training run gets what the budget leaves after the benchmarks' share
     minutes = 3.0 if not args.quick else 1.0
     report["pretraining"] = part(
-        "pretraining", run_pretraining, args.device, args.quick, out, minutes
+        "pretraining", run_pretraining, args.device, args.quick, out, minutes, tiny
     )
-    report["bench"] = part("bench", run_benchmarks, args.device, args.quick, out)
+    report["bench"] = part("bench", run_benchmarks, args.device, args.quick, out, tiny)
     if report["bench"].get("skipped") or "ok" in report["bench"]:  # skipped, or failed as a whole
         report["bench"] = {"all": report["bench"]}
     peak = peak_tflops(args.device, args.peak_tflops)
