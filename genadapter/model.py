@@ -280,7 +280,7 @@ class GenerativeAdapter(nn.Module):
                 if attention_mask is None
                 else to_device(attention_mask, self.device),
                 # with a cache HF skips its check for packed sequences, which waits for the
-                # device; the cache's first update stores each layer's K, V without a copy
+                # device; the price: a copy of each run layer's K, V, held until we stop
                 use_cache=True,
             )
         except _HaveAllLayers:

@@ -23,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -180,7 +181,8 @@ def run_pretraining(
     from genadapter import GeneratorConfig
     from genadapter.training.cli import build, build_parser
 
-    args = ["--config", str(CONFIG), "--run_dir", str(out / "pretrain")]
+    run_dir = ROOT / "runs" / ("gpu-check-quick" if quick else "gpu-check")  # git-ignored
+    args = ["--config", str(CONFIG), "--run_dir", str(run_dir)]
     if tiny is not None:
         base = GeneratorConfig.load(tiny / "generator_config.json").base_model
         args += ["--model.base_model", base]
@@ -430,7 +432,9 @@ def main() -> int:
             return {"ok": False, "log_tail": f"{type(e).__name__}: {e}"}
 
     report["tests"] = part("tests", run_tests, args.device, args.quick, out)
-    tiny = tiny_generator(out) if args.quick else None
+    # outside the repository: every generator folder under experiments/ is a committed one
+    scratch = tempfile.TemporaryDirectory(prefix="gpu-check-")
+    tiny = tiny_generator(Path(scratch.name)) if args.quick else None
     report["model"] = "a tiny random Llama" if tiny else "HuggingFaceTB/SmolLM2-135M-Instruct"
     # the training run gets what the budget leaves after the benchmarks' share
     minutes = 3.0 if not args.quick else 1.0
@@ -450,6 +454,7 @@ def main() -> int:
     (out / "report.md").write_text(text)
     print(text)
     print(f"wrote {out / 'report.md'} and report.json")
+    scratch.cleanup()
     parts = [report["tests"], report["pretraining"], *report["bench"].values()]
     return 0 if all(p.get("ok") or p.get("skipped") for p in parts) else 1
 

@@ -68,10 +68,14 @@ class GeneratorFSDP(FSDPStrategy):
         base = self.lightning_module.ga.base_model
         layers = layer_list(base)
         device = self.root_device
+        whole = outside_layers(base)
+        with torch.no_grad():  # FSDP moves only what it shards (tied weights move once)
+            for p in {id(p): p for m in whole for p in m.parameters(recurse=False)}.values():
+                p.data = p.data.to(device)
         return FullyShardedDataParallel(
             module=model,
             auto_wrap_policy=ModuleWrapPolicy({type(layer) for layer in layers}),
-            ignored_states=outside_layers(base),
+            ignored_states=whole,
             cpu_offload=self.cpu_offload,
             mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy,
