@@ -205,6 +205,8 @@ def run_pretraining(
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     wall = time.perf_counter() - start
+    if not any(k.startswith("val/") for k in trainer.callback_metrics):  # stopped by max_time
+        trainer.validate(model, datamodule=data, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     steady = timer.seconds[2:] or timer.seconds  # the first steps compile kernels, warm caches
     step_s = statistics.median(steady)
