@@ -314,10 +314,11 @@ def markdown(report: dict) -> str:
     ]
     parts = {"tests on the device": tests, "bf16-mixed pretraining": train}
     parts.update({f"benchmark {k}": v for k, v in bench.items()})
-    lines += [
-        f"| {k} | {'yes' if v.get('ok') else '**no**'} | {fmt(v.get('seconds'), '.0f')} |"
-        for k, v in parts.items()
-    ]
+
+    def works(v: dict) -> str:
+        return "skipped" if v.get("skipped") else "yes" if v.get("ok") else "**no**"
+
+    lines += [f"| {k} | {works(v)} | {fmt(v.get('seconds'), '.0f')} |" for k, v in parts.items()]
     lines += ["", "## Tests", ""]
     lines.append(
         f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
