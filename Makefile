@@ -8,7 +8,10 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install assets lint benchmarks
+DEVICE ?= cuda
+BENCH_DATA := data/benchmarks/facts/test-500.jsonl
+
+.PHONY: demo test install assets lint benchmarks gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +38,15 @@ test: assets lint
 demo: assets
 	$(BIN)/genadapter demo
 
+# the episode files the benchmarks and evaluations read (git-ignored, deterministic from a seed)
+$(BENCH_DATA): | assets
+	$(BIN)/python -m genadapter.cli make-benchmarks
+
 # the performance suite (experiments/bench/): full by default, QUICK=1 for ~2 minutes a script
-benchmarks: assets
+benchmarks: assets $(BENCH_DATA)
 	$(BIN)/python experiments/bench/run_all.py $(if $(QUICK),--quick)
+
+# one GPU, offline, <= 8 minutes: device tests, a bf16-mixed training run, benchmarks, one report
+# (experiments/gpu/README.md). DEVICE=cpu QUICK=1: the same script as a <= 3-minute dry run (CI)
+gpu-check: assets
+	$(BIN)/python experiments/gpu/check.py --device $(DEVICE) $(if $(QUICK),--quick)

@@ -23,6 +23,7 @@ from . import memory
 from .assets import load_base_model
 from .chunking import cut, pad
 from .config import GeneratorConfig
+from .devices import to_device
 from .generator import Generator, LoRA, ModuleGenerator, Writes
 from .state import AdapterState, StateMismatchError
 from .targets import decoder_layers, find_targets
@@ -61,6 +62,7 @@ class GenerativeAdapter(nn.Module):
         self.chunk_batch_size: int | None = None
         self.read_batch_tokens = 1024
         self._merged = False
+        self.active_lora: dict[str, LoRA] | None = None  # the side paths hooked on (side_paths)
         self._modules_by_name = dict(base_model.named_modules())
         self._layers_name = decoder_layers(base_model)[0]  # the ModuleList of decoder layers
         self.generator.to(self.device)
@@ -255,7 +257,9 @@ class GenerativeAdapter(nn.Module):
         return ids
 
     @torch.no_grad()
-    def context_features(self, input_ids: Tensor, attention_mask: Tensor) -> dict[int, Tensor]:
+    def context_features(
+        self, input_ids: Tensor, attention_mask: Tensor | None
+    ) -> dict[int, Tensor]:
         """{layer l: hidden state entering decoder layer l} (HF `hidden_states[l]`) for every layer
         the generator adapts, when the frozen LM reads these chunks alone.
 
@@ -279,9 +283,13 @@ class GenerativeAdapter(nn.Module):
         ]
         try:
             self.base_model.base_model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                use_cache=False,
+                input_ids=to_device(input_ids, self.device),
+                attention_mask=None
+                if attention_mask is None
+                else to_device(attention_mask, self.device),
+                # with a cache HF skips its check for packed sequences, which waits for the
+                # device; the price: a copy of each run layer's K, V, held until we stop
+                use_cache=True,
             )
         except _HaveAllLayers:
             pass
@@ -294,12 +302,20 @@ class GenerativeAdapter(nn.Module):
             )
         return captured
 
-    def read_chunks(self, ids: Tensor, mask: Tensor, weight: Tensor | None = None) -> Writes:
+    def read_chunks(
+        self, ids: Tensor, mask: Tensor, weight: Tensor | None = None, mask_attention: bool = True
+    ) -> Writes:
         """What chunks (b, C), right-padded, write: one frozen forward, then the generator.
-        `read` and every training objective read through here (`weight`: `Generator.write`)."""
-        hidden = self.context_features(ids, mask)
-        mask = mask.to(self.device)
-        return self.generator.write(hidden, mask, None if weight is None else weight.to(mask))
+        `read` and every training objective read through here (`weight`: `Generator.write`).
+
+        `mask_attention=False` runs the frozen forward without the mask: causal attention never
+        lets right padding reach a real token, and HF's check of a mask waits for the device.
+        (`read` masks only forwards that hold padding, as before: states stay bit-exact.)"""
+        hidden = self.context_features(ids, mask if mask_attention else None)
+        mask = to_device(mask, self.device)
+        return self.generator.write(
+            hidden, mask, None if weight is None else to_device(weight, self.device)
+        )
 
     def read(
         self,
@@ -328,53 +344,89 @@ class GenerativeAdapter(nn.Module):
             n_chunks.append(len(pieces))
         if not chunks:
             return state.clone()
-        row_decay = (gamma ** torch.tensor(n_chunks, dtype=state.n.dtype)).to(self.device)
+        # everything the loop needs reaches the device in one asynchronous copy before it: the
+        # loop itself never waits for the host (no blocking copy, no sync per forward)
+        dev, dtype = self.device, state.n.dtype
+        ids, mask = pad([piece for _, piece, _ in chunks])
+        widths = [len(piece) for _, piece, _ in chunks]
+        after = torch.tensor([after for _, _, after in chunks], dtype=dtype)
+        ids, mask, weight, row_idx, row_decay = (
+            to_device(t, dev)
+            for t in (
+                ids,
+                mask,
+                gamma**after,
+                torch.tensor([i for i, _, _ in chunks]),
+                gamma ** torch.tensor(n_chunks, dtype=dtype),
+            )
+        )
         S = {k: s * row_decay[:, None, None] for k, s in state.S.items()}
         n = state.n * row_decay
         per_forward = self.chunk_batch_size or max(
             1, self.read_batch_tokens // self.config.chunk_len
         )
         for start in range(0, len(chunks), per_forward):
-            batch = chunks[start : start + per_forward]
-            writes = self.read_chunks(*pad([piece for _, piece, _ in batch]))
-            after = torch.tensor([after for _, _, after in batch], dtype=state.n.dtype)
-            weight = (gamma**after).to(self.device)
-            row_idx = torch.tensor([i for i, _, _ in batch], device=self.device)
+            end = start + per_forward
+            width = max(widths[start:end])  # padded to this forward's longest chunk only
+            writes = self.read_chunks(
+                ids[start:end, :width],
+                mask[start:end, :width],
+                mask_attention=min(widths[start:end]) < width,  # HF drops an all-ones mask
+            )
+            w, rows_of = weight[start:end], row_idx[start:end]
             for k, dS in writes.S.items():
-                S[k] = S[k].index_add(0, row_idx, dS * weight[:, None, None])
-            n = n.index_add(0, row_idx, writes.n * weight)
+                S[k] = S[k].index_add(0, rows_of, dS * w[:, None, None])
+            n = n.index_add(0, rows_of, writes.n * w)
         return AdapterState(S, n, state.generator, state.config, dict(state.metadata))
 
     # --- the adapted model ------------------------------------------------------------------
     @contextlib.contextmanager
     def adapted(
-        self, state: AdapterState, keep_queries: bool = False
+        self, state: AdapterState, keep_queries: bool = False, check: bool = True
     ) -> Iterator[dict[str, Tensor]]:
         """Within the block, every forward of `base_model` uses the state (side path, per row):
         each target's output gains (alpha/r) B N(S)^T A x, as the two small matmuls
         (x lora_A^T)(scaling B^T), never the out x in dW.
 
         Yields a dict that, with `keep_queries`, holds each target's last query A x (b, s, r_in)
-        after a forward: what the state's keys are matched against (for losses and probes)."""
+        after a forward: what the state's keys are matched against (for losses and probes).
+
+        `check=False` (training objectives, whose states are this generator's writes of the
+        same step) skips the fingerprint: it hashes K and V on the host, a device sync per step."""
         if self._merged:
             raise RuntimeError(
                 "a state is merged into the weights: call without state= inside merged()"
             )
-        self.check_state(state)
+        if check:
+            self.check_state(state)
         queries: dict[str, Tensor] = {}
-        if bool(state.is_empty().all()):
+        # an empty state adds exact zeros; skipping its hooks is only worth a check that costs no
+        # device->host sync (on an accelerator the hooks run and add those zeros)
+        if state.n.device.type == "cpu" and bool(state.is_empty().all()):
             yield queries  # an empty state is exactly the base model
             return
         lora = self.generator.lora(state.S, state.n)
-        handles = []
+        with self.side_paths(lora, queries if keep_queries else None):
+            yield queries
+
+    @contextlib.contextmanager
+    def side_paths(
+        self, lora: dict[str, LoRA], queries: dict[str, Tensor] | None = None
+    ) -> Iterator[None]:
+        """Each target's side path hooked on within the block (`adapted` makes `lora` from a
+        state). `active_lora` names it meanwhile: a checkpointed layer, recomputed in the
+        backward after the block has closed, re-enters the side paths it ran with."""
+        handles, previous = [], self.active_lora
+        self.active_lora = lora
         try:
             for name in self.generator.names:
-                hook = self._side_path(name, lora[name], queries if keep_queries else None)
+                hook = self._side_path(name, lora[name], queries)
                 handles.append(self._modules_by_name[name].register_forward_hook(hook))
-            yield queries
+            yield
         finally:
             for h in handles:
                 h.remove()
+            self.active_lora = previous
 
     def _side_path(self, name: str, lora: LoRA, queries: dict[str, Tensor] | None):
         """The forward hook that adds one target's per-row LoRA to its output."""

@@ -22,6 +22,7 @@ import common
 import torch
 import yaml
 
+from genadapter import GeneratorConfig
 from genadapter.assets import load_base_model
 from genadapter.eval.harness import EvalConfig, build_methods, load_episodes
 
@@ -36,6 +37,7 @@ TARGET = 20.0
 def main() -> int:
     parser = common.parser(__doc__)
     parser.add_argument("--task", choices=list(CONFIGS), default="facts")
+    parser.set_defaults(generator=None)  # None: the headline config's instruction-tuned one
     args = parser.parse_args()
     env = common.setup(args)
     reps = args.reps or (2 if args.quick else 3)
@@ -43,7 +45,10 @@ def main() -> int:
     raw.update(methods=METHODS, out=None, reuse=[], max_episodes=None)
     if args.task == "facts":
         files = ["test-500"] if args.quick else ["test-500", "test-2k"]
-        raw["data"] = [f"data/benchmarks/facts/{f}.jsonl" for f in files]
+        raw["data"] = [str(args.benchmarks / "facts" / f"{f}.jsonl") for f in files]
+    if args.generator is not None:  # another generator, on the LM its config names
+        raw["generators"] = {"instruct": str(args.generator)}
+        raw["model"] = GeneratorConfig.load(args.generator / "generator_config.json").base_model
     config = EvalConfig.from_dict(raw)
     model, tokenizer = load_base_model(config.model)
     methods = build_methods(config, model, tokenizer)

@@ -66,7 +66,7 @@ def main() -> int:
     args = p.parse_args()
     env = common.setup(args)
     reps = args.reps or (3 if args.quick else 5)
-    ga = common.load_adapter()
+    ga = common.load_adapter(args)
     lm, cfg = ga.base_model, ga.base_model.config
     window = cfg.max_position_embeddings
     fits = window - QUESTION - NEW_TOKENS  # the longest context a prompt can hold
@@ -74,9 +74,10 @@ def main() -> int:
         set(args.sizes or ([0, 512, 2048] if args.quick else [0, 512, 2048, fits, 32768]))
     )
     head_dim = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # float32
+    width = next(lm.parameters()).element_size()  # bytes per cached number (float32: 4)
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * width
 
-    tokens = common.wiki_tokens(ga.tokenizer, max(sizes) + QUESTION)
+    tokens = common.wiki_tokens(ga.tokenizer, max(sizes) + QUESTION).to(args.device)
     question = tokens[-QUESTION:][None]  # text that follows no context it is asked after
     # ingest, each measured once (after a warm-up): every read first (small chunks), then prefills
     read(ga, tokens[:256]), prefill(lm, tokens[:256])
@@ -172,6 +173,10 @@ def main() -> int:
                     m: memory.get(f"{m}@{n}", {}).get("rss_before_mib")
                     for m in ("side", "merged", "prompt")
                 },
+                "peak_gpu_mib": {  # on a GPU only: the allocator's peak while answering
+                    m: memory.get(f"{m}@{n}", {}).get("peak_gpu_mib")
+                    for m in ("side", "merged", "prompt")
+                },
             }
         )
     kv_8k = 8192 * kv_per_token
@@ -228,7 +233,7 @@ def main() -> int:
     ]
     verdicts = {key: common.verdict(figures[key], t, hi) for _, key, t, hi in targets}
     result = {
-        **common.header("answer_latency", env, ga, reps),
+        **common.header("answer_latency", env, ga, reps, args.generator),
         "chunk_len": ga.config.chunk_len,
         "question_tokens": QUESTION,
         "new_tokens": NEW_TOKENS,

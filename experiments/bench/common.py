@@ -33,6 +33,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).parent / "results"
 GENERATOR = ROOT / "experiments" / "pretrain" / "smollm2-wiki-generator"
+BENCHMARKS = ROOT / "data" / "benchmarks"
 MiB = 2**20
 
 
@@ -44,6 +45,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed rounds per comparison")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler op tables")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings wait for the device)")
+    p.add_argument(
+        "--generator",
+        type=Path,
+        default=GENERATOR,
+        help="generator folder (its config names the LM)",
+    )
+    p.add_argument(
+        "--benchmarks", type=Path, default=BENCHMARKS, help="`genadapter make-benchmarks` output"
+    )
     return p
 
 
@@ -75,8 +86,11 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    device = torch.device(getattr(args, "device", "cpu"))
     return {
         "mode": "quick" if args.quick else "full",
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -137,8 +151,10 @@ def interleaved(
     names = list(methods)
     for i in range(reps):
         for name in names if i % 2 == 0 else names[::-1]:
+            sync()
             start = time.perf_counter()
             parts = methods[name]()
+            sync()
             total = time.perf_counter() - start
             parts = parts if isinstance(parts, dict) else {}
             for key, value in {"total": total, **parts}.items():
@@ -169,6 +185,12 @@ def profile(methods: dict[str, Callable[[], Any]], path: Path, rows: int = 15) -
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
             f.write(f"=== {name}\n{table}\n")
     print(f"profile: {path}")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a wall-clock interval holds all of it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median(values: list[float]) -> float:
@@ -218,21 +240,35 @@ def measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float | None]]:
     """fn's result, its wall time, the RSS before it and the peak RSS while it ran (MiB; None
     where the kernel does not allow resetting the peak)."""
     release_memory()
+    gpu = torch.cuda.is_initialized()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     before = rss_mib()
     ok = reset_peak_rss()
+    sync()
     start = time.perf_counter()
     result = fn()
+    sync()
     seconds = time.perf_counter() - start
     peak = round(peak_rss_mib(), 1) if ok else None
-    return result, {"seconds": seconds, "rss_before_mib": round(before, 1), "peak_rss_mib": peak}
+    figures = {"seconds": seconds, "rss_before_mib": round(before, 1), "peak_rss_mib": peak}
+    if gpu:  # what the caching allocator handed out at most, model weights included
+        figures["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / MiB, 1)
+    return result, figures
 
 
 # --- inputs --------------------------------------------------------------------------------------
-def load_adapter():
-    """The committed pretrained generator on SmolLM2-135M-Instruct."""
+def load_adapter(args: argparse.Namespace):
+    """`--generator` (default: the committed pretrained one on SmolLM2-135M-Instruct) on `--device`."""
     from genadapter import GenerativeAdapter
 
-    return GenerativeAdapter.from_pretrained(GENERATOR)
+    return GenerativeAdapter.from_pretrained(args.generator).to(args.device)
+
+
+def shown(path: Path) -> str:
+    """A path as results record it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def wiki_tokens(tokenizer, n: int) -> torch.Tensor:
@@ -282,13 +318,13 @@ def write(name: str, out: Path, result: dict[str, Any], markdown: str, figure) -
     print(f"wrote {out / name}.json, .md, .png")
 
 
-def header(name: str, env: dict[str, Any], ga, reps: int) -> dict[str, Any]:
+def header(name: str, env: dict[str, Any], ga, reps: int, generator: Path = GENERATOR) -> dict:
     """The fields every result JSON opens with: what ran, on what, how often."""
     return {
         "benchmark": name,
         "environment": env,
         "model": ga.config.base_model,
-        "generator": str(GENERATOR.relative_to(ROOT)),
+        "generator": shown(generator),
         "adapted_layers": ga.generator.layers,
         "targets": len(ga.generator.targets),
         "rounds": reps,

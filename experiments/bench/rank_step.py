@@ -36,7 +36,6 @@ from genadapter.training.objectives import (
 from genadapter.training.probes import probe_losses
 
 GENERATOR = common.ROOT / "experiments" / "pretrain" / "smollm2-wiki-all-generator"
-FACTS = common.ROOT / "data" / "benchmarks" / "facts" / "train.jsonl"
 
 
 def full_rows(ga: GenerativeAdapter, batch: dict) -> dict:
@@ -47,7 +46,7 @@ def full_rows(ga: GenerativeAdapter, batch: dict) -> dict:
     cands = [ids[m] for ids, m in zip(batch["cand_ids"], batch["cand_mask"].bool(), strict=True)]
     owner = torch.cat([torch.arange(len(prompts)), batch["cand_row"]])
     rows = pad_rows([prompts[i].tolist() for i in owner], [c.tolist() for c in answers + cands], 0)
-    with ga.adapted(episode_state(ga, writes, batch["row_episode"][owner])):
+    with ga.adapted(episode_state(ga, writes, batch["row_episode"][owner]), check=False):
         loss_sum, n_tok = row_losses(ga.base_model, *(rows[k] for k in keys))
     R = len(prompts)
     mean = loss_sum / n_tok.clamp(min=1)
@@ -56,13 +55,16 @@ def full_rows(ga: GenerativeAdapter, batch: dict) -> dict:
 
 
 def main() -> int:
-    args = common.parser(__doc__).parse_args()
+    parser = common.parser(__doc__)
+    parser.set_defaults(generator=GENERATOR)  # all layers: the finetuning runs' generator
+    args = parser.parse_args()
     env = common.setup(args)
     reps = args.reps or 3
-    ga = GenerativeAdapter.from_pretrained(GENERATOR)
+    ga = GenerativeAdapter.from_pretrained(args.generator)  # CPU: the batches stay there
+    facts = args.benchmarks / "facts" / "train.jsonl"
     ga.train()
     data = FinetuneDataModule(
-        train_files={str(FACTS): 1.0},
+        train_files={str(facts): 1.0},
         tokenizer=ga.config.base_model,
         episodes_per_batch=4,
         max_questions=4,
@@ -103,8 +105,7 @@ def main() -> int:
     rows = [[k, f"{v:.2f}", f"{v / med['no ranking']:.2f}"] for k, v in med.items()]
     print(rows, flush=True)
     result = {
-        **common.header("rank_step", env, ga, reps),
-        "generator": str(GENERATOR.relative_to(common.ROOT)),
+        **common.header("rank_step", env, ga, reps, args.generator),
         "batches": len(batches),
         "seconds_per_step": med,
         "shared_over_none": round(ratio_shared, 3),

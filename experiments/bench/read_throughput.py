@@ -20,19 +20,22 @@ import torch
 
 
 def main() -> int:
-    args = common.parser(__doc__).parse_args()
+    p = common.parser(__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", help="chunk lengths (default: see above)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="chunks per forward")
+    args = p.parse_args()
     env = common.setup(args)
-    lengths = (128, 512) if args.quick else (128, 512, 2048)
-    batches = (1, 8)
+    lengths = args.lengths or ((128, 512) if args.quick else (128, 512, 2048))
+    batches = args.batches
     reps = args.reps or (3 if args.quick else 5)
 
-    ga = common.load_adapter()
+    ga = common.load_adapter(args)
     lm = ga.base_model
     stream = common.wiki_tokens(ga.tokenizer, max(lengths) * max(batches))
     rows, table = [], []
     for length in lengths:
         for batch in batches:
-            ids = stream[: length * batch].view(batch, length)
+            ids = stream[: length * batch].view(batch, length).to(args.device)
             mask = torch.ones_like(ids)
             ga.config.chunk_len = length  # every row is one chunk: one forward of `batch` chunks
             ga.chunk_batch_size = batch
@@ -80,7 +83,7 @@ def main() -> int:
 
     worst = min(r["read_over_forward"] for r in rows)
     result = {
-        **common.header("read_throughput", env, ga, reps),
+        **common.header("read_throughput", env, ga, reps, args.generator),
         "baseline": "no-grad decoder body (all layers + final norm, no LM head) over the same "
         "chunks and attention mask; 'forward+head' adds the LM head (logits of every position)",
         "target": "read >= 0.95x forward",
@@ -116,7 +119,7 @@ def main() -> int:
         [f"{r['chunk_len']}×{r['batch']}" for r in rows],
         xlabel="chunk length × chunks per forward",
         ylabel="tokens / s",
-        title="read vs plain no-grad forward (SmolLM2-135M, CPU)",
+        title=f"read vs plain no-grad forward ({ga.config.base_model}, {args.device})",
     )
     common.write("read_throughput", args.out, result, markdown, fig)
     return 0

@@ -65,6 +65,8 @@ def main() -> int:
     args = sys.argv[1:]
     quick = "--quick" in args
     out = HERE / "results" / ("quick" if quick else "")
+    if "--out" in args:  # the scripts write there: read their results from there too
+        out = Path(args[args.index("--out") + 1])
     start = time.perf_counter()
     for name in SCRIPTS:
         print(f"=== {name} {' '.join(args)}", flush=True)
@@ -84,7 +86,7 @@ def main() -> int:
     )
     (out / "summary.md").write_text(text)
     readme = README.read_text()
-    if not quick and START in readme and END in readme:  # the README block: the last full run
+    if not quick and "--out" not in args and START in readme and END in readme:  # the last full run
         head, rest = readme.split(START, 1)
         marker, _, tail = rest.partition(END)
         block = text.split("\n", 2)[2].strip()  # without the heading

@@ -81,6 +81,9 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (more only slows a tiny model)"
     )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="the JSON file results merge into"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     total = args.tokens or (100_000 if args.smollm2 else 1_000_000)
@@ -134,10 +137,10 @@ def main() -> int:
         + (" --smollm2" if args.smollm2 else "")
         + (f" --tokens {args.tokens}" if args.tokens else ""),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(args.out.read_text()) if args.out.exists() else {}
     existing["smollm2" if args.smollm2 else "tiny"] = result
-    RESULTS.write_text(json.dumps(existing, indent=2) + "\n")
+    args.out.write_text(json.dumps(existing, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("state_bytes", "peak_growth_mib_first_to_last")}))
     return 0
 

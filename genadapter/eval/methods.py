@@ -353,8 +353,9 @@ class TTTMethod(Method):
 
     def context_windows(self, context_texts: list[str]) -> list[torch.Tensor]:
         ids = self.tokenizer(join_context(context_texts)).input_ids
+        device = next(self.model.parameters()).device
         return [
-            as_tensor(ids[i : i + self.max_len])
+            as_tensor(ids[i : i + self.max_len], device)
             for i in range(0, len(ids) - 1, self.max_len)
             if len(ids[i : i + self.max_len]) > 1
         ]

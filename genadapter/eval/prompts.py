@@ -64,5 +64,5 @@ class PromptFormat:
         return [] if eos is None else [eos]
 
 
-def as_tensor(ids: list[int]) -> torch.Tensor:
-    return torch.tensor([ids], dtype=torch.long)
+def as_tensor(ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor([ids], dtype=torch.long, device=device)

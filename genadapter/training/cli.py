@@ -17,6 +17,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from genadapter.training import distributed  # noqa: F401 - registers `fsdp_generator`
 from genadapter.training.checkpoint_io import SafetensorsCheckpointIO
 from genadapter.training.datamodule import PretrainDataModule
 from genadapter.training.module import GeneratorPretraining

@@ -75,6 +75,7 @@ class GeneratorFinetuning(GeneratorPretraining):
                 h.targets_per_doc,
                 h.completion_weight,
                 self._rng(),
+                host_mask=batch.get("host_mask"),
             )
             self.log("train/lm_loss", out["loss"], batch_size=batch["input_ids"].shape[0])
             return self.hparams.lm_weight * out["loss"]

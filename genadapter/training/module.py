@@ -5,6 +5,7 @@ Checkpoints hold the generator (and, through Lightning, the optimiser), never th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -69,7 +70,10 @@ class GeneratorPretraining(L.LightningModule):
         model, tokenizer = load_base_model(base_model, dtype=getattr(torch, base_dtype))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+                gradient_checkpointing_kwargs={
+                    "use_reentrant": False,
+                    "context_fn": self._checkpoint_contexts,
+                }
             )
         if init_from is not None:
             self.ga = GenerativeAdapter.from_pretrained(
@@ -85,9 +89,31 @@ class GeneratorPretraining(L.LightningModule):
             torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
         self.tokenizer_name = base_model
+        self._checkpoint_layers()
         self._val_sums: dict[str, torch.Tensor] = {}
         self._references: dict[str, dict[str, torch.Tensor]] = {}  # see REFERENCE_KEYS
         self._batch_hashes: list[str] = []  # what this rank trained on, for the audit file
+
+    def train(self, mode: bool = True) -> GeneratorPretraining:
+        super().train(mode)  # the frozen LM stays in eval mode (GenerativeAdapter.train)
+        self._checkpoint_layers()
+        return self
+
+    def _checkpoint_contexts(self) -> tuple[Any, Any]:
+        """(forward, recompute) contexts of a checkpointed frozen layer: it is recomputed in the
+        backward, after `adapted` has taken the side paths off, so it puts back those it ran with."""
+        lora = self.ga.active_lora
+        recompute = contextlib.nullcontext() if lora is None else self.ga.side_paths(lora)
+        return contextlib.nullcontext(), recompute
+
+    def _checkpoint_layers(self) -> None:
+        """HF recomputes a checkpointed decoder layer only while that layer is in training mode,
+        and the frozen LM is always in eval mode: set the flag on the layer modules alone (their
+        attention, MLP and dropout stay in eval mode)."""
+        if self.hparams.gradient_checkpointing:
+            ga = self.ga
+            for i in range(ga.base_model.config.num_hidden_layers):
+                ga._modules_by_name[f"{ga._layers_name}.{i}"].training = True
 
     # only the generator is state: the frozen LM is rebuilt from its name
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -110,6 +136,17 @@ class GeneratorPretraining(L.LightningModule):
             self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank
         )
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        """Pretraining batches keep a CPU copy of their mask (`host_mask`): targets and real
+        chunks are planned from it, so the step never waits for the device to read the mask."""
+        host = None
+        if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+            host = batch["attention_mask"] if batch["attention_mask"].dim() == 3 else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if host is not None:
+            batch["host_mask"] = host
+        return batch
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         h = self.hparams
         out = pretrain_losses(
@@ -119,11 +156,13 @@ class GeneratorPretraining(L.LightningModule):
             h.targets_per_doc,
             h.completion_weight,
             self._rng(),
+            host_mask=batch.get("host_mask"),
         )
         tokens = batch["attention_mask"].sum()
-        self._batch_hashes.append(
-            hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
-        )
+        if os.environ.get("GENADAPTER_AUDIT_DIR"):  # hashing copies the batch back to the host
+            self._batch_hashes.append(
+                hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
+            )
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0])
         for k in OBJECTIVES:
             if f"{k}/loss_adapted" in out:
@@ -196,6 +235,19 @@ class GeneratorPretraining(L.LightningModule):
                 rank_zero_only=True,
             )
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # a sharded generator's norm spans every rank's shard: GeneratorFSDP computes it
+        clip = getattr(self.trainer.strategy, "clip_generator_gradients", None)
+        if clip is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         h = self.hparams
         opt = torch.optim.AdamW(
@@ -220,15 +272,18 @@ class GeneratorPretraining(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.ga.save_pretrained(Path(self.hparams.export_dir))
-        audit = os.environ.get("GENADAPTER_AUDIT_DIR")
-        if audit:  # per-rank record of weights and data, to check distributed runs
-            Path(audit).mkdir(parents=True, exist_ok=True)
-            record = {
-                "rank": self.global_rank,
-                "generator": self.ga.generator.fingerprint(),
-                "global_step": self.global_step,
-                "batches": self._batch_hashes,
-            }
-            (Path(audit) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
+        # a sharded generator (GeneratorFSDP) is gathered whole on every rank first
+        whole = getattr(self.trainer.strategy, "full_generator", contextlib.nullcontext)
+        with whole():
+            if self.hparams.export_dir and self.trainer.is_global_zero:
+                self.ga.save_pretrained(Path(self.hparams.export_dir))
+            audit = os.environ.get("GENADAPTER_AUDIT_DIR")
+            if audit:  # per-rank record of weights and data, to check distributed runs
+                Path(audit).mkdir(parents=True, exist_ok=True)
+                record = {
+                    "rank": self.global_rank,
+                    "generator": self.ga.generator.fingerprint(),
+                    "global_step": self.global_step,
+                    "batches": self._batch_hashes,
+                }
+                (Path(audit) / f"rank{self.global_rank}.json").write_text(json.dumps(record))

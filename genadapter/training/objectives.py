@@ -20,21 +20,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genadapter.chunking import pad, real_chunks, scatter_chunks
+from genadapter.devices import to_device
 from genadapter.generator import Writes
 from genadapter.model import GenerativeAdapter
 from genadapter.state import AdapterState
 
 
 def chunk_writes(
-    ga: GenerativeAdapter, input_ids: Tensor, mask: Tensor, weight: Tensor | None = None
+    ga: GenerativeAdapter,
+    input_ids: Tensor,
+    mask: Tensor,
+    weight: Tensor | None = None,
+    host_mask: Tensor | None = None,
 ) -> Writes:
     """What each chunk of (D, T, C) `input_ids` writes: S (D, T, r_in, r) and n (D, T) per chunk,
     keys (D, T * C, r_in) and gate logits (D, T * C) per token. Padding chunks cost nothing
-    and write zeros. `weight` (D, T, C): per-token write weights (`Generator.write`)."""
+    and write zeros. `weight` (D, T, C): per-token write weights (`Generator.write`).
+    `host_mask`: a CPU copy of `mask`, so that finding the real chunks never waits for the device."""
     D, T, C = input_ids.shape
-    where = real_chunks(mask)
+    where = real_chunks(mask if host_mask is None else host_mask)
+    where = to_device(where, input_ids.device)
     flat = [x.flatten(0, 1)[where] if x is not None else None for x in (input_ids, mask, weight)]
-    writes = ga.read_chunks(*flat)
+    writes = ga.read_chunks(*flat, mask_attention=False)  # right-padded chunks
     where = where.to(ga.device)
 
     def per_chunk(x: Tensor) -> Tensor:
@@ -62,7 +69,7 @@ def token_losses(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, 
 
 
 def row_losses(
-    model, ids: Tensor, attention_mask: Tensor, target_mask: Tensor
+    model, ids: Tensor, attention_mask: Tensor | None, target_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`token_losses` of `model` run on right-padded rows, scoring the tokens of `target_mask`."""
     logits = model(input_ids=ids, attention_mask=attention_mask).logits
@@ -110,13 +117,18 @@ def sample_targets(
     return Targets(*(torch.tensor(c) for c in cols[:3]), torch.tensor(cols[3], dtype=torch.bool))
 
 
+# the generator of a state made and used within one training step (`adapted(check=False)`):
+# fingerprinting it would hash K and V on the host every step
+STEP_STATE = "made within a training step"
+
+
 def target_state(ga: GenerativeAdapter, writes: Writes, t: Targets) -> AdapterState:
     """Each row's state: the sum of its document's chunks [0, prefix) (a prefix sum over chunks)."""
     dev = writes.n.device
-    doc, last = t.doc.to(dev), (t.prefix - 1).to(dev)
+    doc, last = to_device(t.doc, dev), to_device(t.prefix - 1, dev)
     S = {name: s.cumsum(1)[doc, last] for name, s in writes.S.items()}
     n = writes.n.cumsum(1)[doc, last]
-    return AdapterState(S, n, ga.generator.fingerprint(), ga.config.to_dict())
+    return AdapterState(S, n, STEP_STATE, ga.config.to_dict())
 
 
 def pretrain_losses(
@@ -129,27 +141,38 @@ def pretrain_losses(
     with_base: bool = False,
     with_prompt: bool = False,
     max_prompt_len: int | None = None,
+    host_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Losses (mean per target token) of both objectives; the mixed `loss` carries gradients."""
-    input_ids, mask = input_ids.to(ga.device), mask.to(ga.device)
-    writes = chunk_writes(ga, input_ids, mask)
-    t = sample_targets(mask.cpu(), per_doc, completion_weight, generator)
-    doc, chunk = t.doc.to(ga.device), t.chunk.to(ga.device)
+    """Losses (mean per target token) of both objectives; the mixed `loss` carries gradients.
+
+    Targets are planned on the host from `host_mask` (a CPU copy of `mask`; made here if not
+    given, which waits for the device once): the step then runs without a device sync."""
+    input_ids, mask = to_device(input_ids, ga.device), to_device(mask, ga.device)
+    host_mask = mask.cpu() if host_mask is None else host_mask
+    writes = chunk_writes(ga, input_ids, mask, host_mask=host_mask)
+    t = sample_targets(host_mask, per_doc, completion_weight, generator)
+    doc, chunk = to_device(t.doc, ga.device), to_device(t.chunk, ga.device)
     rows_ids, rows_mask = input_ids[doc, chunk], mask[doc, chunk]
-    with ga.adapted(target_state(ga, writes, t)):
-        loss_sum, n_tok = row_losses(ga.base_model, rows_ids, rows_mask, rows_mask)
-    parts = {k: sel for k, sel in t.split(ga.device).items() if sel.any()}
+    # target chunks are right-padded: no attention mask needed (none to check on the device)
+    with ga.adapted(target_state(ga, writes, t), check=False):
+        loss_sum, n_tok = row_losses(ga.base_model, rows_ids, None, rows_mask)
+    # row selectors as 0/1 weights (boolean indexing would wait for the device to count rows)
+    parts = {
+        k: to_device(sel.to(loss_sum.dtype), ga.device)
+        for k, sel in t.split(torch.device("cpu")).items()
+        if sel.any()
+    }
     out: dict[str, Tensor] = {}
     for key, sel in parts.items():
-        out[f"{key}/loss_adapted"] = mean_per_token(loss_sum[sel], n_tok[sel])
-        out[f"{key}/tokens"] = n_tok[sel].sum()
+        out[f"{key}/loss_adapted"] = mean_per_token(loss_sum * sel, n_tok * sel)
+        out[f"{key}/tokens"] = (n_tok * sel).sum()
     weight = {"completion": completion_weight, "reconstruction": 1 - completion_weight}
     out["loss"] = sum(weight[k] * out[f"{k}/loss_adapted"] for k in parts)
     if with_base:
         with torch.no_grad():
-            base_sum, _ = row_losses(ga.base_model, rows_ids, rows_mask, rows_mask)
+            base_sum, _ = row_losses(ga.base_model, rows_ids, None, rows_mask)
         out.update(
-            {f"{k}/loss_base": mean_per_token(base_sum[s], n_tok[s]) for k, s in parts.items()}
+            {f"{k}/loss_base": mean_per_token(base_sum * s, n_tok * s) for k, s in parts.items()}
         )
     if with_prompt:
         out.update(prompt_losses(ga, input_ids, mask, t, max_prompt_len))
@@ -196,7 +219,7 @@ def episode_state(ga: GenerativeAdapter, writes: Writes, row_episode: Tensor) ->
     """Each answer row's state: the sum over every chunk of its episode's context."""
     rows = row_episode.to(writes.n.device)
     S = {name: s.sum(1)[rows] for name, s in writes.S.items()}
-    return AdapterState(S, writes.n.sum(1)[rows], ga.generator.fingerprint(), ga.config.to_dict())
+    return AdapterState(S, writes.n.sum(1)[rows], STEP_STATE, ga.config.to_dict())
 
 
 def split_rows(
@@ -239,7 +262,9 @@ def continuation_losses(
     base, cache_name = ga.base_model, _cache_argument(ga.base_model)
     prompt_ids, prompt_mask = pad(prompts, left=True)
     with (
-        ga.adapted(prompt_state, keep_queries) if prompt_state is not None else nullcontext({})
+        ga.adapted(prompt_state, keep_queries, check=False)
+        if prompt_state is not None
+        else nullcontext({})
     ) as queries:
         positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
         out = base(
@@ -253,7 +278,11 @@ def continuation_losses(
     cache.batch_select_indices(owner)
     ids, mask = pad(continuations)
     positions = prompt_mask.sum(1)[owner, None] + torch.arange(ids.shape[1], device=ids.device)
-    with ga.adapted(continuation_state) if continuation_state is not None else nullcontext():
+    with (
+        ga.adapted(continuation_state, check=False)
+        if continuation_state is not None
+        else nullcontext()
+    ):
         logits = base(
             input_ids=ids,
             attention_mask=torch.cat([prompt_mask[owner], mask], 1),
