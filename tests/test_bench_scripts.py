@@ -77,3 +77,11 @@ def test_rank_step_and_stream_memory(inputs):
     run(str(BENCH / "stream_memory.py"), "--tokens", "2000", "--out", str(memory))
     tiny = json.loads(memory.read_text())["tiny"]
     assert tiny["at"]["1,000"]["tokens"] >= 1000 and tiny["state_bytes"] > 0
+
+
+def test_eval_speed_batched_equals_one_by_one(inputs):
+    run(str(BENCH / "eval_speed.py"), *common_args(inputs))
+    result = json.loads((inputs["out"] / "eval_speed.json").read_text())
+    for row in result["rows"]:
+        assert row["items"] > 0 and row["same_prediction"] == row["same_choice"] == row["items"]
+        assert row["max_nll_diff"] < 1e-4

@@ -19,7 +19,6 @@ import common
 
 TARGET = 3.0  # batched evaluation at least 3x as fast over the three methods
 METHODS = ("base", "prompt", "genadapter")
-GENERATOR = common.ROOT / "experiments" / "finetune" / "smollm2-instruct-generator"
 
 
 def evaluate(method, episodes, batched: bool) -> tuple[list[dict], float]:
@@ -48,11 +47,10 @@ def compare(one: list[dict], batch: list[dict]) -> dict[str, float]:
 def main() -> int:
     args = common.parser(__doc__).parse_args()
     env = common.setup(args)
-    from genadapter import GenerativeAdapter
     from genadapter.data.benchmarks import make_facts
     from genadapter.eval.methods import make_method
 
-    ga = GenerativeAdapter.from_pretrained(GENERATOR)
+    ga = common.load_adapter(args)
     n = 2 if args.quick else 10
     episodes = make_facts("test", n, target_tokens=500, seed=0)  # = facts/test-500.jsonl's first n
     rows = []
@@ -109,8 +107,7 @@ def main() -> int:
         f" and choices): **{verdict}**."
     )
     result = {
-        **common.header("eval_speed", env, ga, 1),
-        "generator": str(GENERATOR.relative_to(common.ROOT)),
+        **common.header("eval_speed", env, ga, 1, args.generator),
         "episodes": [e.id for e in episodes],
         "rows": rows,
         "speedup": total,
