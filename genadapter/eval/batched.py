@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
+from genadapter.compat import cache_argument
+
 MIN_SHARED = 16  # a shorter shared prefix is not worth a separate forward
 MAX_BATCH_TOKENS = 8192  # suffix tokens per forward (bounds the logits' memory)
 
@@ -84,8 +86,9 @@ def _suffix_logits(model, suffixes: list[list[int]], shared: int, cache, device)
     positions = torch.arange(shared, shared + L, device=device).expand(R, L)
     kwargs = {}
     if cache is not None:
-        kwargs["past_key_values"] = copy.deepcopy(cache)  # each group extends its own copy
-        kwargs["past_key_values"].batch_repeat_interleave(R)
+        own = copy.deepcopy(cache)  # each group extends its own copy
+        own.batch_repeat_interleave(R)
+        kwargs[cache_argument(model)] = own
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits
 
 

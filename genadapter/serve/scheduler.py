@@ -15,7 +15,6 @@ applied through forward hooks, which must not leak into a concurrent forward.
 
 from __future__ import annotations
 
-import inspect
 import queue
 import secrets
 import threading
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from ..compat import cache_argument
 from ..state import AdapterState
 from .store import FairLock
 
@@ -134,9 +134,7 @@ class Scheduler:
         self.tokenizer = ga.tokenizer
         self.max_batch, self.gather_s, self.max_waiting = max_batch, gather_ms / 1000, max_waiting
         self.eos = eos_ids(ga)
-        # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes)
-        params = inspect.signature(ga.base_model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_arg = cache_argument(ga.base_model)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.steps = 0  # forwards run, and rows in them: batch sizes for /health and the bench

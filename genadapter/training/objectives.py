@@ -11,7 +11,6 @@ write gates, oracle writes) live in `probes.py`.
 
 from __future__ import annotations
 
-import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genadapter.chunking import pad, real_chunks, scatter_chunks
+from genadapter.compat import cache_argument
 from genadapter.devices import to_device
 from genadapter.generator import Writes
 from genadapter.model import GenerativeAdapter
@@ -237,11 +237,6 @@ def split_rows(
     return prompts, answers
 
 
-def _cache_argument(model) -> str:
-    # transformers >= 5.2x names the KV cache `cache` (`past_key_values` is deprecated)
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def continuation_losses(
     ga: GenerativeAdapter,
     prompts: list[Tensor],
@@ -259,7 +254,7 @@ def continuation_losses(
     so the result equals an unpadded run); its KV cache is then copied to every continuation
     that follows it: the candidates of a question cost their own few tokens, not the prompt's.
     States None run the frozen base."""
-    base, cache_name = ga.base_model, _cache_argument(ga.base_model)
+    base, cache_name = ga.base_model, cache_argument(ga.base_model)
     prompt_ids, prompt_mask = pad(prompts, left=True)
     with (
         ga.adapted(prompt_state, keep_queries, check=False)
