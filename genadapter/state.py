@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,28 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 FORMAT = "genadapter-state/1"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` a temporary file beside `path` (mode 0600), fsync it, rename it over `path`,
+    fsync the folder: a crash at any point leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class StateMismatchError(ValueError):
@@ -149,21 +172,9 @@ class AdapterState:
             "metadata": self.metadata,
             "names": list(self.S),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"genadapter": json.dumps(header)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(
+            path, lambda tmp: save_file(tensors, tmp, metadata={"genadapter": json.dumps(header)})
+        )
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> AdapterState:
