@@ -1,6 +1,7 @@
 """Outputs of every committed generator on a fixed text, stored once as a reference.
 
-`python tests/reference_outputs.py` rewrites `tests/data/committed_generators.safetensors`;
+`python tests/reference_outputs.py` adds the outputs of generators committed since to
+`tests/data/committed_generators.safetensors` (`--all` rewrites every entry);
 `test_committed_generators.py` recomputes the same outputs and compares. Write it only from
 code whose outputs are known good: a refactor must leave them unchanged.
 """
@@ -44,13 +45,15 @@ def outputs(ga) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     return tensors, {"fingerprint": state.generator, "answer": answer}
 
 
-def load_all():
-    """(relative dir, adapter) of each committed generator, sharing one base model."""
+def load_all(skip: set[str] = frozenset()):
+    """(relative dir, adapter) of each committed generator but `skip`, sharing one base model."""
     from genadapter import GenerativeAdapter
     from genadapter.assets import DEFAULT_MODEL, load_base_model
 
     base, tokenizer = load_base_model(DEFAULT_MODEL)
     for path in GENERATORS:
+        if str(path.relative_to(ROOT)) in skip:
+            continue
         ga = GenerativeAdapter.from_pretrained(path, base_model=base, tokenizer=tokenizer)
         yield str(path.relative_to(ROOT)), ga
 
@@ -66,8 +69,13 @@ def read_reference() -> dict[str, tuple[dict[str, torch.Tensor], dict[str, objec
 
 
 def main() -> int:
+    """Add the reference of every generator that has none; `--all` rewrites them all."""
+    old = {} if "--all" in sys.argv else read_reference() if REFERENCE.is_file() else {}
     tensors, meta = {}, {}
-    for name, ga in load_all():
+    for name, (t, m) in old.items():
+        tensors.update({f"{name}/{k}": v for k, v in t.items()})
+        meta[name] = m
+    for name, ga in load_all(skip=set(old)):
         t, m = outputs(ga)
         tensors.update({f"{name}/{k}": v.detach().contiguous().cpu() for k, v in t.items()})
         meta[name] = m
