@@ -7,7 +7,7 @@ One by one (`--one-by-one`) runs the same calls with one row each. Both modes ev
 episode in turn, the order alternating, and their results are compared item by item: the
 predictions and choices must be identical and the answer NLLs equal up to float rounding.
 
-    python experiments/bench/eval_speed.py           # 10 facts episodes of ~500 tokens
+    python experiments/bench/eval_speed.py           # 4 facts episodes of ~500 tokens (16 questions)
     python experiments/bench/eval_speed.py --quick   # 2 episodes
 """
 
@@ -51,7 +51,7 @@ def main() -> int:
     from genadapter.eval.methods import make_method
 
     ga = common.load_adapter(args)
-    n = 2 if args.quick else 10
+    n = 2 if args.quick else 4
     episodes = make_facts("test", n, target_tokens=500, seed=0)  # = facts/test-500.jsonl's first n
     rows = []
     for name in METHODS:
