@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from genadapter.compat import cache_argument
+from genadapter.eval.metrics import target_logprobs
 
 MIN_SHARED = 16  # a shorter shared prefix is not worth a separate forward
 MAX_BATCH_TOKENS = 8192  # suffix tokens per forward (bounds the logits' memory)
@@ -66,11 +66,8 @@ def score_rows(
     for group in _batches([len(s) for s in suffixes], max_batch_tokens):
         logits = _suffix_logits(model, [suffixes[i] for i in group], shared, cache, device)
         for j, i in enumerate(group):
-            n, length = rows[i][1], len(suffixes[i])
-            pred = logits[j, length - n - 1 : length - 1]
-            pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
-            target = torch.tensor(suffixes[i][-n:], device=device)
-            out[i] = F.log_softmax(pred, -1).gather(-1, target[:, None]).squeeze(-1).cpu()
+            ids = torch.tensor([suffixes[i]], device=device)
+            out[i] = target_logprobs(logits[j : j + 1, : ids.shape[1]], ids, rows[i][1]).cpu()
     return out
 
 

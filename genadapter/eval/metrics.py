@@ -41,7 +41,8 @@ def target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, n_target: int
     """
     if not 0 < n_target < input_ids.shape[1]:
         raise ValueError(f"need 0 < n_target < sequence length, got {n_target}")
-    pred = logits[0, -n_target - 1 : -1].float()
+    pred = logits[0, -n_target - 1 : -1]
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16 / fp16: in float32
     return F.log_softmax(pred, dim=-1).gather(-1, input_ids[0, -n_target:, None]).squeeze(-1)
 
 
