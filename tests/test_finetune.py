@@ -98,6 +98,7 @@ def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) ->
             "rank_weight": 0.5,
             "retrieval_weight": 0.5,
             "gate_weight": 0.5,
+            "distill_weight": 0.5,
         },
         "data": {
             "train_files": {str(files["qa"]): 2.0, str(files["demo"]): 1.0},
@@ -113,6 +114,7 @@ def config(tmp_path: Path, tiny_dir: Path, files: dict[str, Path], **trainer) ->
             "batch_size": 2,
             "val_percent": 0.0,
             "rank_options": 3,
+            "train_context_prompts": True,
         },
         "trainer": {
             "accelerator": "cpu",
@@ -481,7 +483,8 @@ def test_finetune_resume_is_exact_and_validation_reports_gaps(tmp_path, tiny_dir
     assert 0 <= m[f"val/{episode_files['demo'].parent.name}/demo/choice"] <= 1  # labels are ranked
     lines = (tmp_path / "a" / "run" / "csv" / "metrics.csv").read_text()
     assert "train/answer_loss" in lines and "train/lm_loss" in lines  # both kinds of batch ran
-    assert all(f"train/{k}_loss" in lines for k in ("rank", "retrieval", "gate"))
+    assert all(f"train/{k}_loss" in lines for k in ("rank", "retrieval", "gate", "distill"))
+    assert m[f"val/{episode_files['qa'].parent.name}/qa/distill_kl"] > 0
     for what in ("retrieval_hit", "retrieval_share"):
         assert 0 <= m[f"val/{episode_files['qa'].parent.name}/qa/{what}"] <= 1
     for what in ("gate_on", "gate_off"):  # the gate 2 sigmoid(z) lies in (0, 2)
@@ -562,3 +565,71 @@ def test_finetune_bad_inputs(tmp_path, tiny_dir, episode_files, capsys):
         GeneratorFinetuning(base_model=str(tiny_dir), retrieval_kind="dot")
     with pytest.raises(ValueError, match="keys.gate: true"):
         GeneratorFinetuning(base_model=str(tiny_dir), gate_weight=1.0)
+    with pytest.raises(ValueError, match="distill_span must be one of"):
+        GeneratorFinetuning(base_model=str(tiny_dir), distill_span="hidden")
+    no_prompts = config(tmp_path / "d", tiny_dir, episode_files)
+    no_prompts.write_text(no_prompts.read_text().replace("train_context_prompts: true", ""))
+    with pytest.raises(ValueError, match="data.train_context_prompts: true"):
+        fit(no_prompts)
+
+
+@pytest.mark.parametrize("span", ["answer", "question"])
+def test_distillation_is_the_kl_from_the_prompted_teacher(tiny_dir, span):
+    """`distill_loss` equals a float64 recomputation row by row, unpadded: the teacher is the
+    frozen LM on context prompt + answer, the student `ga(prompt + answer, state=read(context))`;
+    the KL is taken where the student predicts an answer token (with span "question" also the
+    tokens the two prompts end with: the question and the chat template after it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = tiny_model("llama", vocab=len(tok), dtype=torch.float64)
+    cfg = GeneratorConfig(r=4, r_in=4, chunk_len=4, dtype="float64")
+    ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tok)
+    for block in ga.generator.blocks.values():
+        torch.nn.init.normal_(block.B)
+    episodes = [read_episode(qa_episode(i)) for i in range(3)]
+    fmt = PromptFormat(tok)
+    encoded = [encode_episode(e, fmt, 4, with_context_prompts=True) for e in episodes]
+    lengths = [
+        len(p) + len(a)
+        for e in encoded
+        for p, a in zip(e.prompts_with_context, e.answers, strict=True)
+    ]
+    batch = collate_episodes(encoded, [0, 0, 0], 4, 0, max_prompt_len=max(lengths))
+    out = answer_losses(ga, batch, distill=span)
+    kls, counts = [], []
+    for e, enc in zip(episodes, encoded, strict=True):
+        state = ga.new_state(1)
+        for text in e.context_texts():
+            state = ga.read(text, state)
+        for prompt, teacher_prompt, answer in zip(
+            enc.prompts, enc.prompts_with_context, enc.answers, strict=True
+        ):
+            with torch.no_grad():
+                teacher = model(torch.tensor([teacher_prompt + answer])).logits[0].log_softmax(-1)
+                student = ga(torch.tensor([prompt + answer]), state=state).logits[0].log_softmax(-1)
+            shared = 0
+            while prompt[-1 - shared] == teacher_prompt[-1 - shared]:
+                shared += 1
+            n = len(answer) + (min(shared, len(prompt) - 1) if span == "question" else 0)
+            assert shared > len(tok(e.qas[0].question[:4]).input_ids)  # the question is in it
+            t, s = teacher[-n - 1 : -1], student[-n - 1 : -1]
+            kls.append((t.exp() * (t - s)).sum())
+            counts.append(n)
+    expected = torch.stack(kls).sum() / sum(counts)
+    torch.testing.assert_close(out["distill_loss"].detach(), expected, rtol=1e-9, atol=1e-12)
+    assert out["distill_row_tokens"].tolist() == counts
+    assert expected > 0
+    # only the rows whose context prompt fits the window are distilled
+    few = collate_episodes(encoded, [0, 0, 0], 4, 0, max_prompt_len=min(lengths))
+    assert 0 < len(few["prompt_rows"]) < len(batch["prompt_rows"])
+    assert len(answer_losses(ga, few, distill=span)["distill_row_tokens"]) == len(
+        few["prompt_rows"]
+    )
+    out["distill_loss"].backward()  # the student's side of the KL trains the generator
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in (b.A for b in ga.generator.blocks.values())
+    )
+    with pytest.raises(ValueError, match="distill span"):
+        answer_losses(ga, batch, distill="hidden")

@@ -41,9 +41,13 @@ def target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, n_target: int
     """
     if not 0 < n_target < input_ids.shape[1]:
         raise ValueError(f"need 0 < n_target < sequence length, got {n_target}")
-    pred = logits[0, -n_target - 1 : -1]
-    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16 / fp16: in float32
-    return F.log_softmax(pred, dim=-1).gather(-1, input_ids[0, -n_target:, None]).squeeze(-1)
+    pred = log_softmax(logits[0, -n_target - 1 : -1])
+    return pred.gather(-1, input_ids[0, -n_target:, None]).squeeze(-1)
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the last dimension, in float32 at least (bf16 / fp16 logits)."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def kv_cache_bytes(config, n_tokens: int, dtype: torch.dtype = torch.float32) -> int:

@@ -17,6 +17,10 @@ answer token / the answer tokens' share of the linear read-out's weights).
 With a write gate (`keys.gate`), validation also reports `gate_on` / `gate_off`, the mean gate on
 the tokens that spell an asked answer / on the others, and `gate_weight` > 0 trains the gates on
 that split directly (`gate_losses`).
+With `distill_weight` > 0 (and `data.train_context_prompts`), it adds context distillation
+(`objectives.distill_losses`): the KL from the frozen LM with the context in its prompt to the
+adapted LM on the answer tokens (`distill_span` "answer") or also on the question's
+("question"); validation reports `distill_loss` either way.
 `oracle_writes` (a diagnostic, "episode" or "row"): only the context tokens that spell an asked
 answer write into the state (`probes.oracle_writes`), which tells the read-out's selection apart from
 the LM's decoding of it. The probes and their losses live in `probes.py`.
@@ -27,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from genadapter.training.module import GeneratorPretraining, batch_key
-from genadapter.training.objectives import pretrain_losses, row_losses
+from genadapter.training.objectives import DISTILL_SPANS, pretrain_losses, row_losses
 from genadapter.training.probes import ORACLE_MODES, RETRIEVAL_KINDS, oracle_writes, probe_losses
 
 
@@ -40,6 +44,8 @@ class GeneratorFinetuning(GeneratorPretraining):
         retrieval_weight: float = 0.0,
         retrieval_kind: str = "softmax",
         gate_weight: float = 0.0,
+        distill_weight: float = 0.0,
+        distill_span: str = "question",
         oracle_writes: str | None = None,
         task_names: list[str] | None = None,
         **kwargs,
@@ -53,6 +59,8 @@ class GeneratorFinetuning(GeneratorPretraining):
             raise ValueError(
                 f"oracle_writes must be one of {ORACLE_MODES} or None, got {oracle_writes!r}"
             )
+        if distill_span not in DISTILL_SPANS:
+            raise ValueError(f"distill_span must be one of {DISTILL_SPANS}, got {distill_span!r}")
         if gate_weight > 0 and not self.ga.config.keys.gate:
             raise ValueError(
                 "gate_weight > 0 needs a generator with a write gate (keys.gate: true)"
@@ -85,6 +93,7 @@ class GeneratorFinetuning(GeneratorPretraining):
             with_ranking=h.rank_weight > 0,
             retrieval=h.retrieval_kind if h.retrieval_weight > 0 else None,
             gate=h.gate_weight > 0 and "answer_context" in batch,
+            distill=h.distill_span if h.distill_weight > 0 else None,
         )
         self.log("train/answer_loss", out["loss"], prog_bar=True, batch_size=n)
         loss = out["loss"]
@@ -103,6 +112,15 @@ class GeneratorFinetuning(GeneratorPretraining):
             for what in ("on", "off"):
                 self.log(f"train/gate_{what}", out[f"gate_{what}"].mean(), batch_size=n_ep)
             loss = loss + h.gate_weight * out["gate_loss"]
+        if h.distill_weight > 0:
+            if "distill_loss" not in out and "prompt_rows" not in batch:
+                raise ValueError(
+                    "distill_weight > 0 needs the context prompts in the training batches: "
+                    "set data.train_context_prompts: true"
+                )
+            if "distill_loss" in out:  # else no context prompt of this batch fits its window
+                self.log("train/distill_loss", out["distill_loss"], batch_size=n)
+                loss = loss + h.distill_weight * out["distill_loss"]
         return loss
 
     def _task(self, index: int) -> str:
@@ -120,7 +138,11 @@ class GeneratorFinetuning(GeneratorPretraining):
         first = key not in self._references  # the frozen base's losses: computed once per batch
         gated = self.ga.config.keys.gate and "answer_context" in batch
         out = self._answer_pass(
-            batch, with_base=first, retrieval=self.hparams.retrieval_kind, gate=gated
+            batch,
+            with_base=first,
+            retrieval=self.hparams.retrieval_kind,
+            gate=gated,
+            distill=self.hparams.distill_span,
         )
         if first:
             s, n = row_losses(
@@ -154,6 +176,13 @@ class GeneratorFinetuning(GeneratorPretraining):
             self._per_task(
                 row_task[out["gate_rows"]], {f"gate_{w}": out[f"gate_{w}"] for w in ("on", "off")}
             )
+        if "distill_loss" in out:  # the KL from the prompted teacher, over the rows that fit
+            kl, n = out["distill_row_kl"], out["distill_row_tokens"]
+            for t in tasks.unique().tolist():
+                sel = tasks == t
+                self._accumulate(
+                    f"{self._task(t)}/distill_kl", kl[sel].sum() / n[sel].sum(), n[sel].sum()
+                )
         if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
             self._per_task(row_task[out["rank_group"]], {"choice": out["rank_correct"]})
 

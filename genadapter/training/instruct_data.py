@@ -200,6 +200,8 @@ class EpisodeMixture(IterableDataset):
         rank: int = 0,
         skip: int = 0,
         rank_options: int = 0,
+        context_prompts: bool = False,
+        prompt_window: int | None = None,
     ):
         super().__init__()
         self.tasks, self.weights, self.fmt = tasks, weights, fmt
@@ -208,6 +210,7 @@ class EpisodeMixture(IterableDataset):
         self.lm_every, self.lm_batches = lm_every, lm_batches
         self.seed, self.rank, self.skip = seed, rank, skip
         self.rank_options = rank_options
+        self.context_prompts, self.prompt_window = context_prompts, prompt_window
 
     def is_lm_batch(self, i: int) -> bool:
         return (
@@ -225,13 +228,18 @@ class EpisodeMixture(IterableDataset):
             n_q = len(question_answers(episode))
             questions = rng.sample(range(n_q), min(n_q, self.max_questions))
             enc = encode_episode(
-                episode, self.fmt, self.chunk_len, questions, rank_options=self.rank_options
+                episode,
+                self.fmt,
+                self.chunk_len,
+                questions,
+                with_context_prompts=self.context_prompts,
+                rank_options=self.rank_options,
             )
             if len(enc.chunks) <= self.max_chunks:  # longer contexts are skipped, not truncated
                 encoded.append(enc)
                 task_ids.append(t)
         pad = self.fmt.tokenizer.pad_token_id or 0
-        return collate_episodes(encoded, task_ids, self.chunk_len, pad)
+        return collate_episodes(encoded, task_ids, self.chunk_len, pad, self.prompt_window)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         lm_skip = sum(self.is_lm_batch(i) for i in range(self.skip))
@@ -259,6 +267,7 @@ class FinetuneDataModule(PretrainDataModule):
         prompt_window: int | None = 8192,  # context prompts longer than this are left out
         lm_every: int = 4,
         rank_options: int = 0,  # candidates ranked per question (gold + k-1 distractors); 0: off
+        train_context_prompts: bool = False,  # training batches carry them too (distillation)
         **pretrain_data,
     ):
         super().__init__(**pretrain_data)  # its save_hyperparameters() records our arguments too
@@ -306,6 +315,8 @@ class FinetuneDataModule(PretrainDataModule):
             rank,
             self._skip,
             h.rank_options,
+            h.train_context_prompts,
+            h.prompt_window,
         )
         return DataLoader(ds, batch_size=None)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from genadapter.chunking import pad, real_chunks, scatter_chunks
 from genadapter.compat import cache_argument
 from genadapter.devices import to_device
+from genadapter.eval.metrics import log_softmax
 from genadapter.generator import Writes
 from genadapter.model import GenerativeAdapter
 from genadapter.state import AdapterState
@@ -306,6 +307,7 @@ def answer_losses(
     with_base: bool = False,
     with_ranking: bool = True,
     trace: bool = False,
+    distill: str | None = None,
 ) -> dict:
     """Answer-token loss of QA rows whose state is read from their episode's context.
 
@@ -316,6 +318,8 @@ def answer_losses(
     batch (`cand_ids`, `cand_mask`, `cand_row`) and `with_ranking`, each question also scores
     its candidates after its prompt (mean log-prob per token, as evaluation ranks options):
     `rank_loss`, `rank_correct`, `rank_group` (`rank_candidates`) and `cand_scores`.
+    With `distill` (a span of `DISTILL_SPANS`) and context prompts in the batch (`prompt_*`),
+    `distill_loss` is the KL from the prompted teacher (`distill_losses`).
     With `trace`, `trace` holds an AnswerTrace."""
     dev = ga.device
     context_write = batch.get("context_write")
@@ -348,9 +352,79 @@ def answer_losses(
         with torch.no_grad():
             base_sum, _, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)
         out["row_loss_base"] = base_sum / n_tok[:R].clamp(min=1)
+    if distill is not None and len(batch.get("prompt_rows", ())):
+        out.update(distill_losses(ga, batch, writes, prompts, answers, distill))
     if trace:
         out["trace"] = AnswerTrace(writes, queries)
     return out
+
+
+# ----------------------------------------------------------------------------- context distillation
+
+DISTILL_SPANS = ("answer", "question")  # KL on the answer tokens / on the question's too
+
+
+def last_logits(model: torch.nn.Module, seqs: list[Tensor], m: int) -> Tensor:
+    """Logits (B, m, V) at the last `m` positions of each sequence (left-padded, positions
+    counted from each row's first real token: equal to unpadded runs)."""
+    ids, mask = pad(seqs, left=True)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=m
+    ).logits
+
+
+def shared_suffix(a: Tensor, b: Tensor) -> int:
+    """How many last tokens two prompts share: the question and the chat template after it."""
+    n = min(len(a), len(b))
+    differ = (a[len(a) - n :] != b[len(b) - n :]).flip(0).nonzero()
+    return n if not len(differ) else int(differ[0])
+
+
+def distill_losses(
+    ga: GenerativeAdapter,
+    batch: dict[str, Tensor],
+    writes: Writes,
+    prompts: list[Tensor],
+    answers: list[Tensor],
+    span: str,
+) -> dict[str, Tensor]:
+    """Context distillation: KL(teacher || adapted) of the next-token distributions, where the
+    teacher is the frozen LM with the context in its prompt (the batch's `prompt_*` rows, those
+    that fit its window) and the student the same LM with the episode's state and the question
+    alone. Scored on every answer token, and with span "question" also on the question and the
+    chat template after it (the tokens both prompts end with). `distill_loss` is the mean per
+    scored token; `distill_row_kl` / `distill_row_tokens` the sum and count of each prompt row."""
+    if span not in DISTILL_SPANS:
+        raise ValueError(f"distill span must be one of {DISTILL_SPANS}, got {span!r}")
+    dev = ga.device
+    rows = batch["prompt_rows"].to(dev)
+    teacher_prompts, teacher_answers = split_rows(
+        *(batch[f"prompt_{k}"].to(dev) for k in ("input_ids", "attention_mask", "loss_mask"))
+    )
+    student, teacher, n = [], [], []
+    for r, tp, ta in zip(rows.tolist(), teacher_prompts, teacher_answers, strict=True):
+        if not torch.equal(answers[r], ta):
+            raise ValueError(f"row {r}: the context prompt's answer differs from the row's")
+        question = shared_suffix(prompts[r], tp) if span == "question" else 0
+        student.append(torch.cat([prompts[r], answers[r]]))
+        teacher.append(torch.cat([tp, ta]))
+        n.append(len(ta) + min(question, len(prompts[r]) - 1))
+    n_scored = torch.tensor(n, device=dev)
+    m = int(n_scored.max()) + 1
+    with torch.no_grad():
+        target = log_softmax(last_logits(ga.base_model, teacher, m))
+    with ga.adapted(episode_state(ga, writes, batch["row_episode"].to(dev)[rows]), check=False):
+        pred = log_softmax(last_logits(ga.base_model, student, m))
+    # row i: its last n_i tokens are predicted at positions -(n_i + 1) .. -2
+    j = torch.arange(m, device=dev)
+    scored = (j[None] >= m - 1 - n_scored[:, None]) & (j[None] < m - 1)
+    kl = F.kl_div(pred, target, log_target=True, reduction="none").sum(-1) * scored
+    return {
+        "distill_loss": kl.sum() / scored.sum(),
+        "distill_row_kl": kl.sum(1),
+        "distill_row_tokens": n_scored,
+    }
 
 
 def rank_candidates(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
