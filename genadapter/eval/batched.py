@@ -64,14 +64,14 @@ def score_rows(
     suffixes = [ids[shared:] for ids in ids_list]
     out: list[Tensor | None] = [None] * len(rows)
     for group in _batches([len(s) for s in suffixes], max_batch_tokens):
-        logits = _suffix_logits(model, [suffixes[i] for i in group], shared, cache, device)
+        logits = suffix_logits(model, [suffixes[i] for i in group], shared, cache, device)
         for j, i in enumerate(group):
             ids = torch.tensor([suffixes[i]], device=device)
             out[i] = target_logprobs(logits[j : j + 1, : ids.shape[1]], ids, rows[i][1]).cpu()
     return out
 
 
-def _suffix_logits(model, suffixes: list[list[int]], shared: int, cache, device) -> Tensor:
+def suffix_logits(model, suffixes: list[list[int]], shared: int, cache, device) -> Tensor:
     """Logits (R, L, V) of right-padded suffixes that follow `shared` cached prefix tokens."""
     R, L = len(suffixes), max(len(s) for s in suffixes)
     ids = torch.zeros(R, L, dtype=torch.long, device=device)

@@ -21,6 +21,7 @@ from torch import Tensor
 from genadapter.chunking import pad, real_chunks, scatter_chunks
 from genadapter.compat import cache_argument
 from genadapter.devices import to_device
+from genadapter.eval.batched import shared_prefix_length, suffix_logits
 from genadapter.eval.metrics import log_softmax
 from genadapter.generator import Writes
 from genadapter.model import GenerativeAdapter
@@ -238,6 +239,21 @@ def split_rows(
     return prompts, answers
 
 
+@dataclass
+class Continuations:
+    """What `continuation_losses` computed: per continuation its summed NLL `loss_sum`, token
+    count `n_tok` and `logits` (N, L, V), position j predicting its token j; the prompt pass's
+    `queries`; with `prompt_logits` = P > 0, `prompt_logits` (prompts, P, V), position i
+    predicting the prompt's token -(P - i) (left padding: positions past a prompt's start are
+    meaningless)."""
+
+    loss_sum: Tensor
+    n_tok: Tensor
+    logits: Tensor
+    queries: dict[str, Tensor]
+    prompt_logits: Tensor | None = None
+
+
 def continuation_losses(
     ga: GenerativeAdapter,
     prompts: list[Tensor],
@@ -246,10 +262,11 @@ def continuation_losses(
     prompt_state: AdapterState | None,
     continuation_state: AdapterState | None,
     keep_queries: bool = False,
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Summed NLL and token count of each continuation after its prompt `prompts[owner[i]]`,
-    and with `keep_queries` the prompt pass's queries (`GenerativeAdapter.adapted`; position
-    -1 is each prompt's last token).
+    prompt_logits: int = 0,
+) -> Continuations:
+    """The NLL of each continuation after its prompt `prompts[owner[i]]`, and with
+    `keep_queries` the prompt pass's queries (`GenerativeAdapter.adapted`; position -1 is each
+    prompt's last token), with `prompt_logits` the logits at the prompts' last positions.
 
     Each prompt runs once (left-padded, with its positions counted from its first real token,
     so the result equals an unpadded run); its KV cache is then copied to every continuation
@@ -268,7 +285,7 @@ def continuation_losses(
             attention_mask=prompt_mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=prompt_logits + 1,
         )
     cache = getattr(out, cache_name)
     cache.batch_select_indices(owner)
@@ -289,7 +306,13 @@ def continuation_losses(
     logits = torch.cat([out.logits[owner, -1:], logits[:, :-1]], 1)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none")
     m = mask.to(nll.dtype)
-    return (nll.view_as(m) * m).sum(1), m.sum(1), queries
+    return Continuations(
+        (nll.view_as(m) * m).sum(1),
+        m.sum(1),
+        logits,
+        queries,
+        out.logits[:, :-1] if prompt_logits else None,
+    )
 
 
 @dataclass
@@ -339,9 +362,19 @@ def answer_losses(
         continuations += [ids[m].to(dev) for ids, m in pairs]
         owner = torch.cat([owner, cand_row])
     states = (episode_state(ga, writes, episode), episode_state(ga, writes, episode[owner]))
-    loss_sum, n_tok, queries = continuation_losses(
-        ga, prompts, continuations, owner, *states, keep_queries=trace
+    teacher = None
+    if distill is not None and len(batch.get("prompt_rows", ())):
+        teacher = teacher_rows(batch, prompts, answers, distill)
+    passed = continuation_losses(
+        ga,
+        prompts,
+        continuations,
+        owner,
+        *states,
+        keep_queries=trace,
+        prompt_logits=int(teacher.n_question.max()) if teacher is not None else 0,
     )
+    loss_sum, n_tok, queries = passed.loss_sum, passed.n_tok, passed.queries
     mean = loss_sum / n_tok.clamp(min=1)
     out: dict = {"loss": mean_per_token(loss_sum[:R], n_tok[:R]), "tokens": n_tok[:R].sum()}
     out["row_loss"] = mean[:R]
@@ -350,81 +383,13 @@ def answer_losses(
         out.update(rank_candidates(out["cand_scores"], cand_row))
     if with_base:
         with torch.no_grad():
-            base_sum, _, _ = continuation_losses(ga, prompts, answers, owner[:R], None, None)
-        out["row_loss_base"] = base_sum / n_tok[:R].clamp(min=1)
-    if distill is not None and len(batch.get("prompt_rows", ())):
-        out.update(distill_losses(ga, batch, writes, prompts, answers, distill))
+            base = continuation_losses(ga, prompts, answers, owner[:R], None, None)
+        out["row_loss_base"] = base.loss_sum / n_tok[:R].clamp(min=1)
+    if teacher is not None:
+        out.update(distill_losses(ga, teacher, passed, answers))
     if trace:
         out["trace"] = AnswerTrace(writes, queries)
     return out
-
-
-# ----------------------------------------------------------------------------- context distillation
-
-DISTILL_SPANS = ("answer", "question")  # KL on the answer tokens / on the question's too
-
-
-def last_logits(model: torch.nn.Module, seqs: list[Tensor], m: int) -> Tensor:
-    """Logits (B, m, V) at the last `m` positions of each sequence (left-padded, positions
-    counted from each row's first real token: equal to unpadded runs)."""
-    ids, mask = pad(seqs, left=True)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=m
-    ).logits
-
-
-def shared_suffix(a: Tensor, b: Tensor) -> int:
-    """How many last tokens two prompts share: the question and the chat template after it."""
-    n = min(len(a), len(b))
-    differ = (a[len(a) - n :] != b[len(b) - n :]).flip(0).nonzero()
-    return n if not len(differ) else int(differ[0])
-
-
-def distill_losses(
-    ga: GenerativeAdapter,
-    batch: dict[str, Tensor],
-    writes: Writes,
-    prompts: list[Tensor],
-    answers: list[Tensor],
-    span: str,
-) -> dict[str, Tensor]:
-    """Context distillation: KL(teacher || adapted) of the next-token distributions, where the
-    teacher is the frozen LM with the context in its prompt (the batch's `prompt_*` rows, those
-    that fit its window) and the student the same LM with the episode's state and the question
-    alone. Scored on every answer token, and with span "question" also on the question and the
-    chat template after it (the tokens both prompts end with). `distill_loss` is the mean per
-    scored token; `distill_row_kl` / `distill_row_tokens` the sum and count of each prompt row."""
-    if span not in DISTILL_SPANS:
-        raise ValueError(f"distill span must be one of {DISTILL_SPANS}, got {span!r}")
-    dev = ga.device
-    rows = batch["prompt_rows"].to(dev)
-    teacher_prompts, teacher_answers = split_rows(
-        *(batch[f"prompt_{k}"].to(dev) for k in ("input_ids", "attention_mask", "loss_mask"))
-    )
-    student, teacher, n = [], [], []
-    for r, tp, ta in zip(rows.tolist(), teacher_prompts, teacher_answers, strict=True):
-        if not torch.equal(answers[r], ta):
-            raise ValueError(f"row {r}: the context prompt's answer differs from the row's")
-        question = shared_suffix(prompts[r], tp) if span == "question" else 0
-        student.append(torch.cat([prompts[r], answers[r]]))
-        teacher.append(torch.cat([tp, ta]))
-        n.append(len(ta) + min(question, len(prompts[r]) - 1))
-    n_scored = torch.tensor(n, device=dev)
-    m = int(n_scored.max()) + 1
-    with torch.no_grad():
-        target = log_softmax(last_logits(ga.base_model, teacher, m))
-    with ga.adapted(episode_state(ga, writes, batch["row_episode"].to(dev)[rows]), check=False):
-        pred = log_softmax(last_logits(ga.base_model, student, m))
-    # row i: its last n_i tokens are predicted at positions -(n_i + 1) .. -2
-    j = torch.arange(m, device=dev)
-    scored = (j[None] >= m - 1 - n_scored[:, None]) & (j[None] < m - 1)
-    kl = F.kl_div(pred, target, log_target=True, reduction="none").sum(-1) * scored
-    return {
-        "distill_loss": kl.sum() / scored.sum(),
-        "distill_row_kl": kl.sum(1),
-        "distill_row_tokens": n_scored,
-    }
 
 
 def rank_candidates(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
@@ -445,4 +410,110 @@ def rank_candidates(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
         "rank_loss": F.cross_entropy(table, gold),
         "rank_correct": (table.argmax(1) == 0).float(),
         "rank_group": ids,
+    }
+
+
+# ----------------------------------------------------------------------------- context distillation
+
+DISTILL_SPANS = ("answer", "question")  # KL on the answer tokens / on the question's too
+
+
+@torch.no_grad()
+def teacher_logits(
+    model: torch.nn.Module, seqs: list[Tensor], start: Tensor, width: int, group: Tensor
+) -> Tensor:
+    """Logits (N, width, V) of the frozen LM on each sequence at positions `start` to
+    `start + width - 1` (zeros past its end). Rows of one `group` (an episode's context
+    prompts) share a prefix: it runs once and its KV cache serves them all."""
+    out = None
+    for g in group.unique().tolist():
+        rows = (group == g).nonzero().flatten().tolist()
+        ids = [seqs[i].tolist() for i in rows]
+        first = min(int(start[i]) for i in rows)
+        shared = shared_prefix_length(ids, first) if len(rows) > 1 else 0
+        cache = None
+        if shared:
+            prefix = seqs[rows[0]][None, :shared]
+            cache = getattr(model(input_ids=prefix, use_cache=True), cache_argument(model))
+        logits = suffix_logits(model, [x[shared:] for x in ids], shared, cache, seqs[0].device)
+        if out is None:
+            out = logits.new_zeros(len(seqs), width, logits.shape[-1])
+        for j, i in enumerate(rows):
+            a = int(start[i]) - shared
+            b = min(a + width, len(ids[j]) - shared)
+            out[i, : b - a] = logits[j, a:b]
+    return out
+
+
+def shared_suffix(a: Tensor, b: Tensor) -> int:
+    """How many last tokens two prompts share: the question and the chat template after it."""
+    n = min(len(a), len(b))
+    differ = (a[len(a) - n :] != b[len(b) - n :]).flip(0).nonzero()
+    return n if not len(differ) else int(differ[0])
+
+
+@dataclass
+class TeacherRows:
+    """The distilled answer rows: `rows` their indices, `seqs` the teacher's context prompt +
+    answer of each, `prompt_len` its prompt's length, `n_question` how many of its prompt's
+    last tokens are scored too, `episode` its episode (the rows of one share a context)."""
+
+    rows: Tensor
+    seqs: list[Tensor]
+    n_question: Tensor
+    prompt_len: Tensor
+    episode: Tensor
+
+
+def teacher_rows(
+    batch: dict[str, Tensor], prompts: list[Tensor], answers: list[Tensor], span: str
+) -> TeacherRows:
+    """The rows with a context prompt (`prompt_*`, those that fit its window); with span
+    "question" each scores the tokens both prompts end with (the question, the chat template
+    after it) besides its answer."""
+    if span not in DISTILL_SPANS:
+        raise ValueError(f"distill span must be one of {DISTILL_SPANS}, got {span!r}")
+    dev = prompts[0].device
+    rows = batch["prompt_rows"].to(dev)
+    teacher_prompts, teacher_answers = split_rows(
+        *(batch[f"prompt_{k}"].to(dev) for k in ("input_ids", "attention_mask", "loss_mask"))
+    )
+    seqs, n_question = [], []
+    for r, tp, ta in zip(rows.tolist(), teacher_prompts, teacher_answers, strict=True):
+        if not torch.equal(answers[r], ta):
+            raise ValueError(f"row {r}: the context prompt's answer differs from the row's")
+        question = shared_suffix(prompts[r], tp) if span == "question" else 0
+        seqs.append(torch.cat([tp, ta]))
+        n_question.append(min(question, len(prompts[r]) - 1))
+    lengths = torch.tensor([len(p) for p in teacher_prompts], device=dev)
+    episode = batch["row_episode"].to(dev)[rows]
+    return TeacherRows(rows, seqs, torch.tensor(n_question, device=dev), lengths, episode)
+
+
+def distill_losses(
+    ga: GenerativeAdapter, teacher: TeacherRows, student: Continuations, answers: list[Tensor]
+) -> dict[str, Tensor]:
+    """Context distillation: KL(teacher || adapted) of the next-token distributions, where the
+    teacher is the frozen LM with the context in its prompt and the student the answer pass
+    (`student`: the LM with the episode's state and the question alone), on every answer token
+    and the `teacher.n_question` prompt tokens before it. `distill_loss` is the mean per
+    scored token; `distill_row_kl` / `distill_row_tokens` the sum and count of each row."""
+    rows, q = teacher.rows, teacher.n_question
+    n_answer = torch.tensor([len(answers[r]) for r in rows.tolist()], device=rows.device)
+    P, L = student.prompt_logits.shape[1] if q.max() > 0 else 0, int(n_answer.max())
+    pred = student.logits[rows, :L]
+    if P:
+        pred = torch.cat([student.prompt_logits[rows], pred], 1)
+    # index k predicts token k - P of the answer (k < P: the prompt's token -(P - k))
+    m = P + L
+    start = teacher.prompt_len - P - 1
+    target = teacher_logits(ga.base_model, teacher.seqs, start, m, teacher.episode)
+    j = torch.arange(m, device=rows.device)
+    scored = (j[None] >= P - q[:, None]) & (j[None] < P + n_answer[:, None])
+    kl = F.kl_div(log_softmax(pred), log_softmax(target), log_target=True, reduction="none")
+    kl = kl.sum(-1) * scored
+    return {
+        "distill_loss": kl.sum() / scored.sum(),
+        "distill_row_kl": kl.sum(1),
+        "distill_row_tokens": q + n_answer,
     }
