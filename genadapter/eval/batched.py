@@ -59,8 +59,7 @@ def score_rows(
     cache = None
     device = next(model.parameters()).device
     if shared:
-        prefix = torch.tensor([ids_list[0][:shared]], device=device)
-        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        cache = prefix_cache(model, ids_list[0][:shared], device)
     suffixes = [ids[shared:] for ids in ids_list]
     out: list[Tensor | None] = [None] * len(rows)
     for group in _batches([len(s) for s in suffixes], max_batch_tokens):
@@ -69,6 +68,12 @@ def score_rows(
             ids = torch.tensor([suffixes[i]], device=device)
             out[i] = target_logprobs(logits[j : j + 1, : ids.shape[1]], ids, rows[i][1]).cpu()
     return out
+
+
+def prefix_cache(model: nn.Module, prefix: list[int], device: torch.device):
+    """The KV cache of one shared prefix, for `suffix_logits` to extend."""
+    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    return getattr(out, cache_argument(model))
 
 
 def suffix_logits(model, suffixes: list[list[int]], shared: int, cache, device) -> Tensor:

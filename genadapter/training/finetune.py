@@ -20,7 +20,7 @@ that split directly (`gate_losses`).
 With `distill_weight` > 0 (and `data.train_context_prompts`), it adds context distillation
 (`objectives.distill_losses`): the KL from the frozen LM with the context in its prompt to the
 adapted LM on the answer tokens (`distill_span` "answer") or also on the question's
-("question"); validation reports `distill_loss` either way.
+("question"); validation then reports it per task (`distill_kl`).
 `oracle_writes` (a diagnostic, "episode" or "row"): only the context tokens that spell an asked
 answer write into the state (`probes.oracle_writes`), which tells the read-out's selection apart from
 the LM's decoding of it. The probes and their losses live in `probes.py`.
@@ -142,7 +142,8 @@ class GeneratorFinetuning(GeneratorPretraining):
             with_base=first,
             retrieval=self.hparams.retrieval_kind,
             gate=gated,
-            distill=self.hparams.distill_span,
+            # the teacher costs a second read of each context: only when distilling
+            distill=self.hparams.distill_span if self.hparams.distill_weight > 0 else None,
         )
         if first:
             s, n = row_losses(

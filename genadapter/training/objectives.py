@@ -21,7 +21,7 @@ from torch import Tensor
 from genadapter.chunking import pad, real_chunks, scatter_chunks
 from genadapter.compat import cache_argument
 from genadapter.devices import to_device
-from genadapter.eval.batched import shared_prefix_length, suffix_logits
+from genadapter.eval.batched import prefix_cache, shared_prefix_length, suffix_logits
 from genadapter.eval.metrics import log_softmax
 from genadapter.generator import Writes
 from genadapter.model import GenerativeAdapter
@@ -431,11 +431,9 @@ def teacher_logits(
         ids = [seqs[i].tolist() for i in rows]
         first = min(int(start[i]) for i in rows)
         shared = shared_prefix_length(ids, first) if len(rows) > 1 else 0
-        cache = None
-        if shared:
-            prefix = seqs[rows[0]][None, :shared]
-            cache = getattr(model(input_ids=prefix, use_cache=True), cache_argument(model))
-        logits = suffix_logits(model, [x[shared:] for x in ids], shared, cache, seqs[0].device)
+        device = seqs[0].device
+        cache = prefix_cache(model, ids[0][:shared], device) if shared else None
+        logits = suffix_logits(model, [x[shared:] for x in ids], shared, cache, device)
         if out is None:
             out = logits.new_zeros(len(seqs), width, logits.shape[-1])
         for j, i in enumerate(rows):
