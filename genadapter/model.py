@@ -405,8 +405,7 @@ class GenerativeAdapter(nn.Module):
         if state.n.device.type == "cpu" and bool(state.is_empty().all()):
             yield queries  # an empty state is exactly the base model
             return
-        lora = self.generator.lora(state.S, state.n)
-        with self.side_paths(lora, queries if keep_queries else None):
+        with self.side_paths(self.row_loras(state, check=False), queries if keep_queries else None):
             yield queries
 
     @contextlib.contextmanager
@@ -536,6 +535,14 @@ class GenerativeAdapter(nn.Module):
         return texts[0] if single else texts
 
     # --- weights ----------------------------------------------------------------------------
+    def row_loras(self, state: AdapterState, check: bool = True) -> dict[str, LoRA]:
+        """{module name: LoRA} with one A row per state row: what `side_paths` applies. Made once
+        per state (a ridge memory solves here), so a caller that runs many forwards on the same
+        rows (the server's decode loop) makes it once."""
+        if check:
+            self.check_state(state)
+        return self.generator.lora(state.S, state.n)
+
     def lora(self, state: AdapterState, row: int | None = None) -> dict[str, LoRA]:
         """{module name: LoRA} of one state row (`row` may be left out for a one-row state)."""
         self.check_state(state)

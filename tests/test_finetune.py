@@ -30,6 +30,7 @@ from genadapter.training.objectives import (
     answer_losses,
     chunk_writes,
     episode_state,
+    row_losses,
     token_losses,
 )
 from genadapter.training.probes import oracle_writes, probe_losses
@@ -620,6 +621,11 @@ def test_distillation_is_the_kl_from_the_prompted_teacher(tiny_dir, span):
     torch.testing.assert_close(out["distill_loss"].detach(), expected, rtol=1e-9, atol=1e-12)
     assert out["distill_row_tokens"].tolist() == counts
     assert expected > 0
+    # the teacher's answer NLL is the prompt's answer loss (row_losses on the context prompts)
+    s, n = row_losses(
+        model, *(batch[f"prompt_{k}"] for k in ("input_ids", "attention_mask", "loss_mask"))
+    )
+    torch.testing.assert_close(out["teacher_row_loss"].float(), s / n)  # row_losses: float32
     # only the rows whose context prompt fits the window are distilled
     few = collate_episodes(encoded, [0, 0, 0], 4, 0, max_prompt_len=min(lengths))
     assert 0 < len(few["prompt_rows"]) < len(batch["prompt_rows"])

@@ -6,8 +6,10 @@ model thread runs a loop of steps; each step is either the prefill of the reques
 together) or one decode step of the whole running batch. Rows join at step boundaries: the new
 rows are prefilled on their own, left-padded, and their KV cache is concatenated to the running
 one (the shorter one left-padded with masked zeros), so nobody waits for a batch to drain; rows
-leave as soon as they finish. Each forward applies the stacked per-row states with
-`ga.adapted(state)`: rows of different tenants run together, each with its own adapter.
+leave as soon as they finish. Each row's adapter (its LoRA, `ga.row_loras`: the ridge solve
+happens there) is made once, at its prefill, and rides along with the row; every forward hooks
+the batch's adapters on (`ga.side_paths`): rows of different tenants run together, each with
+its own adapter.
 
 Every forward takes the model lock (FIFO), which reads also take per `ga.read` call: a state is
 applied through forward hooks, which must not leak into a concurrent forward.
@@ -28,6 +30,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from ..compat import cache_argument
+from ..generator import LoRA
 from ..state import AdapterState
 from .store import FairLock
 
@@ -54,14 +57,15 @@ class Job:
 
 @dataclass
 class Batch:
-    """The running rows: their KV cache, attention mask (b, L), next input token and position."""
+    """The running rows: their KV cache, attention mask (b, L), next input token, position and
+    adapter (one LoRA A row per batch row, per target)."""
 
     jobs: list[Job]
     cache: DynamicCache
     mask: Tensor
     last: Tensor
     pos: Tensor
-    state: AdapterState
+    lora: dict[str, LoRA]
 
 
 def left_pad(x: Tensor, length: int, dim: int) -> Tensor:
@@ -93,7 +97,7 @@ def merge(a: Batch | None, b: Batch | None) -> Batch | None:
         torch.cat([left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)]),
         torch.cat([a.last, b.last]),
         torch.cat([a.pos, b.pos]),
-        AdapterState.stack([a.state, b.state]),
+        {k: la._replace(A=torch.cat([la.A, b.lora[k].A])) for k, la in a.lora.items()},
     )
 
 
@@ -115,7 +119,7 @@ def keep(batch: Batch, rows: list[int]) -> Batch | None:
         mask[:, start:],
         batch.last[idx],
         batch.pos[idx],
-        batch.state.select(rows),
+        {k: lora._replace(A=lora.A[idx]) for k, lora in batch.lora.items()},
     )
 
 
@@ -208,9 +212,9 @@ class Scheduler:
         jobs[:] = [j for j in jobs if not j.cancelled]
         return bool(jobs)
 
-    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache, state) -> Tensor:
-        """Logits of each row's next token, with each row's state applied."""
-        with self.lock, torch.no_grad(), self.ga.adapted(state):
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache, lora) -> Tensor:
+        """Logits of each row's next token, with each row's adapter applied."""
+        with self.lock, torch.no_grad(), self.ga.side_paths(lora):
             out = self.ga.base_model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -231,16 +235,18 @@ class Scheduler:
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         state = AdapterState.stack([j.state for j in jobs]).to(device)
+        with torch.no_grad():
+            lora = self.ga.row_loras(state)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, pos, cache, state)
+        logits = self._forward(ids, mask, pos, cache, lora)
         lengths = torch.tensor([len(j.ids) for j in jobs], device=device)
-        batch = Batch(jobs, cache, mask, ids[:, -1], lengths, state)
+        batch = Batch(jobs, cache, mask, ids[:, -1], lengths, lora)
         return self._advance(batch, logits)
 
     def _decode(self, batch: Batch) -> Batch | None:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.jobs), 1)], 1)
         logits = self._forward(
-            batch.last[:, None], batch.mask, batch.pos[:, None], batch.cache, batch.state
+            batch.last[:, None], batch.mask, batch.pos[:, None], batch.cache, batch.lora
         )
         batch.pos = batch.pos + 1
         return self._advance(batch, logits)

@@ -146,16 +146,11 @@ class GeneratorFinetuning(GeneratorPretraining):
             distill=self.hparams.distill_span if self.hparams.distill_weight > 0 else None,
         )
         if first:
-            s, n = row_losses(
-                self.ga.base_model,
-                *(
-                    batch[f"prompt_{k}"].to(self.device)
-                    for k in ("input_ids", "attention_mask", "loss_mask")
-                ),
-            )
             self._references[key] = {
                 "base": out["row_loss_base"][prompt_rows],
-                "prompt": s / n.clamp(min=1),
+                "prompt": out["teacher_row_loss"]  # the teacher is the prompted LM
+                if "teacher_row_loss" in out
+                else self._prompt_loss(batch),
             }
         n_tok = batch["loss_mask"][:, 1:].sum(1).to(out["row_loss"])
         losses = {"adapted": out["row_loss"][prompt_rows], **self._references[key]}
@@ -186,6 +181,17 @@ class GeneratorFinetuning(GeneratorPretraining):
                 )
         if "rank_correct" in out:  # over all questions with candidates, prompt fitting or not
             self._per_task(row_task[out["rank_group"]], {"choice": out["rank_correct"]})
+
+    def _prompt_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen LM's mean answer loss per context-prompt row (`prompt_*`)."""
+        s, n = row_losses(
+            self.ga.base_model,
+            *(
+                batch[f"prompt_{k}"].to(self.device)
+                for k in ("input_ids", "attention_mask", "loss_mask")
+            ),
+        )
+        return s / n.clamp(min=1)
 
     def _per_task(self, task: torch.Tensor, figures: dict[str, torch.Tensor]) -> None:
         """Accumulate each figure (one value per item, `task` the items' tasks) as a mean per task."""

@@ -495,7 +495,9 @@ def distill_losses(
     teacher is the frozen LM with the context in its prompt and the student the answer pass
     (`student`: the LM with the episode's state and the question alone), on every answer token
     and the `teacher.n_question` prompt tokens before it. `distill_loss` is the mean per
-    scored token; `distill_row_kl` / `distill_row_tokens` the sum and count of each row."""
+    scored token; `distill_row_kl` / `distill_row_tokens` the sum and count of each row;
+    `teacher_row_loss` the teacher's mean NLL of each row's answer (the prompt's answer loss,
+    free from the same logits)."""
     rows, q = teacher.rows, teacher.n_question
     n_answer = torch.tensor([len(answers[r]) for r in rows.tolist()], device=rows.device)
     P, L = student.prompt_logits.shape[1] if q.max() > 0 else 0, int(n_answer.max())
@@ -510,8 +512,12 @@ def distill_losses(
     scored = (j[None] >= P - q[:, None]) & (j[None] < P + n_answer[:, None])
     kl = F.kl_div(log_softmax(pred), log_softmax(target), log_target=True, reduction="none")
     kl = kl.sum(-1) * scored
+    gold = pad([answers[r] for r in rows.tolist()])[0]
+    nll = -log_softmax(target[:, P:]).gather(-1, gold[..., None]).squeeze(-1)
+    nll = nll * (j[None, :L] < n_answer[:, None])
     return {
         "distill_loss": kl.sum() / scored.sum(),
         "distill_row_kl": kl.sum(1),
         "distill_row_tokens": q + n_answer,
+        "teacher_row_loss": nll.sum(1) / n_answer,
     }
