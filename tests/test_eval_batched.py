@@ -8,7 +8,7 @@ from test_eval_methods import CONTEXT, tiny_gpt2, tiny_llama
 
 from genadapter import GenerativeAdapter, GeneratorConfig
 from genadapter.data.episodes import QA, QAEpisode
-from genadapter.eval.batched import score_rows, shared_prefix_length
+from genadapter.eval.batched import generate_rows, score_rows, shared_prefix_length
 from genadapter.eval.harness import evaluate_episode
 from genadapter.eval.methods import make_method
 
@@ -39,6 +39,33 @@ def test_score_rows_equals_one_forward_per_row():
             torch.testing.assert_close(lp, want, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="n_target"):
         score_rows(model, [([1, 2], 2)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_rows_equals_hf_generate_one_row_at_a_time(arch):
+    """Prompts sharing a long prefix (run once, its KV cache serving every row) and prompts that
+    do not, decoded together: the greedy tokens of HF `generate` on each prompt alone, cut
+    before the first stop token."""
+    from transformers import GenerationConfig
+
+    model = (tiny_llama if arch == "llama" else tiny_gpt2)(seed=5).double()
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, 500, (30,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 500, (n,), generator=g).tolist() for n in (1, 7, 4)]
+    prompts.append(torch.randint(0, 500, (9,), generator=g).tolist())
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None)
+    alone = [
+        model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist()
+        for p in prompts
+    ]
+    stop = [alone[1][3]]  # one row stops early; the others may not
+    for batch in (prompts[:3], prompts, prompts[3:]):
+        got = generate_rows(model, batch, 8, stop, pad_id=0)
+        for p, row in zip(batch, got, strict=True):
+            want = alone[prompts.index(p)]
+            cut = next((i for i, t in enumerate(want) if t in stop), len(want))
+            assert row == want[:cut]
+    assert len(generate_rows(model, prompts[:3], 8, stop, 0)[1]) < 8  # the stop was met
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -2,8 +2,9 @@
 (in the prompt, a state or trained weights), so they run as one batch.
 
 `score_rows` runs the longest token prefix all rows share once (for prompt methods: the whole
-context) and reuses its KV cache for every row; `generate_rows` decodes left-padded prompts
-together. Both give the results of running the rows one at a time, up to float rounding.
+context) and reuses its KV cache for every row; `generate_rows` does the same for the prompts,
+then decodes every row together. Both give the results of running the rows one at a time, up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
 
 from genadapter.compat import cache_argument
 from genadapter.eval.metrics import target_logprobs
@@ -99,25 +99,48 @@ def generate_rows(
     model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad_id: int
 ) -> list[list[int]]:
     """Greedy continuations (new token ids, up to and without the stop token) of each prompt,
-    decoded together from left-padded prompts."""
+    decoded together. The longest prefix all prompts share (for prompt methods: the context)
+    runs once and its KV cache serves every row; the rest of each prompt follows it
+    left-padded (masked out, positions explicit), so every row's last token ends the batch."""
     if not prompts:
         return []
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for j, p in enumerate(prompts):
-        ids[j, width - len(p) :] = torch.tensor(p, device=device)
-        mask[j, width - len(p) :] = 1
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop or None,
-        pad_token_id=pad_id,
-    )
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    new = []
-    for row in out[:, width:].tolist():
+    shared = shared_prefix_length(prompts, min(len(p) for p in prompts) - 1)
+    shared = shared if len(prompts) > 1 and shared >= MIN_SHARED else 0
+    R, cache_name = len(prompts), cache_argument(model)
+    cache = None
+    if shared:
+        cache = prefix_cache(model, prompts[0][:shared], device)
+        cache.batch_repeat_interleave(R)
+    suffixes = [p[shared:] for p in prompts]
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((R, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(R, shared + width, dtype=torch.long, device=device)
+    mask[:, :shared] = 1
+    for j, s in enumerate(suffixes):
+        ids[j, width - len(s) :] = torch.tensor(s, device=device)
+        mask[j, shared + width - len(s) :] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, shared:]
+    stops = torch.tensor(stop or [-1], device=device)
+    new = torch.empty(R, 0, dtype=torch.long, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    while new.shape[1] < max_new_tokens and not bool(done.all()):
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_name: cache},
+        )
+        cache = getattr(out, cache_name)
+        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad_id)
+        new = torch.cat([new, token[:, None]], 1)
+        done |= torch.isin(token, stops)
+        ids, pos = token[:, None], pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(R, 1)], 1)
+    rows = []
+    for row in new.tolist():
         cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-        new.append(row[:cut])
-    return new
+        rows.append(row[:cut])
+    return rows
