@@ -179,14 +179,18 @@ def qa_items(adapted, episode, max_questions, batched: bool) -> tuple[list[dict]
     t0 = time.perf_counter()
     predictions = _each(batched, adapted.answers, questions)
     seconds = time.perf_counter() - t0
-    nlls = _each(batched, adapted.answer_nlls, questions, [qa.answers[0] for qa in qas])
     with_options = [qa for qa in qas if qa.options]
-    scores = _each(
-        batched,
-        adapted.option_scores,
-        [qa.question for qa in with_options],
-        [qa.options for qa in with_options],
-    )
+    golds, option_inputs = [qa.answers[0] for qa in qas], [qa.question for qa in with_options]
+    options = [qa.options for qa in with_options]
+    if batched:  # gold answers and options in one scoring pass (one read of a prompt's context)
+        pairs = list(zip(questions, golds, strict=True))
+        pairs += [(x, o) for x, opts in zip(option_inputs, options, strict=True) for o in opts]
+        flat = iter(adapted.mean_logprobs(pairs))
+        nlls = [-next(flat) for _ in qas]
+        scores = [[next(flat) for _ in opts] for opts in options]
+    else:
+        nlls = _each(False, adapted.answer_nlls, questions, golds)
+        scores = _each(False, adapted.option_scores, option_inputs, options)
     choice = {
         id(qa): option_accuracy(s, qa.options, qa.answers[0])
         for qa, s in zip(with_options, scores, strict=True)

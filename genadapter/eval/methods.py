@@ -133,25 +133,27 @@ class Adapted:
 
     def answer_nlls(self, questions: list[str], answers: list[str]) -> list[float]:
         """Teacher-forced negative log-likelihood of each gold answer, nats per answer token."""
-        return [
-            -lp.mean().item() for lp in self._logprobs(list(zip(questions, answers, strict=True)))
-        ]
+        return [-lp for lp in self.mean_logprobs(list(zip(questions, answers, strict=True)))]
 
     def option_scores(self, inputs: list[str], options: list[list[str]]) -> list[list[float]]:
         """Mean log-prob per token of every option of every input, scored as one batch (per
         token, so long labels are not penalised)."""
         pairs = [(x, o) for x, opts in zip(inputs, options, strict=True) for o in opts]
-        flat = iter(lp.mean().item() for lp in self._logprobs(pairs))
+        flat = iter(self.mean_logprobs(pairs))
         return [[next(flat) for _ in opts] for opts in options]
 
-    def _logprobs(self, pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
+    def mean_logprobs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """Mean log-prob per answer token of each (question, answer) pair, all scored as one
+        batch (a pair asked twice is scored once)."""
+        unique = list(dict.fromkeys(pairs))
         rows = []
-        for question, answer in pairs:
+        for question, answer in unique:
             target = self.fmt.answer_ids(answer)
             ids = self._prompt(question, len(target)) + target
             self._track_kv(len(ids))
             rows.append((ids, len(target)))
-        return self.lm.score(rows)
+        scored = dict(zip(unique, (lp.mean().item() for lp in self.lm.score(rows)), strict=True))
+        return [scored[p] for p in pairs]
 
     # one question at a time: the batched calls with one row
     def answer(self, question: str) -> str:
