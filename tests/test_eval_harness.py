@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_eval_methods import tiny_llama as methods_tiny_llama
+from transformers import LlamaForCausalLM
 
 from genadapter.cli import main as genadapter_main
 from genadapter.eval.harness import ALL_METHODS, EvalConfig, run_eval
@@ -53,17 +54,7 @@ DEMO = {
 
 
 def tiny_llama(max_positions: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return methods_tiny_llama(max_positions=max_positions)
 
 
 def write_jsonl(path, rows, extra_lines=()):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from genadapter.training.module import GeneratorPretraining, batch_key
-from genadapter.training.objectives import DISTILL_SPANS, pretrain_losses, row_losses
+from genadapter.training.objectives import DISTILL_SPANS, row_losses
 from genadapter.training.probes import ORACLE_MODES, RETRIEVAL_KINDS, oracle_writes, probe_losses
 
 
@@ -75,16 +75,7 @@ class GeneratorFinetuning(GeneratorPretraining):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if "context_ids" not in batch:  # a pretraining batch
-            h = self.hparams
-            out = pretrain_losses(
-                self.ga,
-                batch["input_ids"],
-                batch["attention_mask"],
-                h.targets_per_doc,
-                h.completion_weight,
-                self._rng(),
-                host_mask=batch.get("host_mask"),
-            )
+            out = self._pretrain_step_losses(batch)
             self.log("train/lm_loss", out["loss"], batch_size=batch["input_ids"].shape[0])
             return self.hparams.lm_weight * out["loss"]
         h, n = self.hparams, len(batch["row_task"])

@@ -147,9 +147,10 @@ class GeneratorPretraining(L.LightningModule):
             batch["host_mask"] = host
         return batch
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _pretrain_step_losses(self, batch: dict[str, torch.Tensor]) -> dict:
+        """`pretrain_losses` of a document batch, with this run's targets and generator."""
         h = self.hparams
-        out = pretrain_losses(
+        return pretrain_losses(
             self.ga,
             batch["input_ids"],
             batch["attention_mask"],
@@ -158,6 +159,9 @@ class GeneratorPretraining(L.LightningModule):
             self._rng(),
             host_mask=batch.get("host_mask"),
         )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._pretrain_step_losses(batch)
         tokens = batch["attention_mask"].sum()
         if os.environ.get("GENADAPTER_AUDIT_DIR"):  # hashing copies the batch back to the host
             self._batch_hashes.append(
