@@ -1,8 +1,8 @@
 """Evaluation speed: an episode's questions one at a time vs as one batch, same episodes, same run.
 
-Batched (`genadapter eval`'s default), every question of an episode is answered in one left-padded
-greedy decode and every gold answer and option is scored in one pass; the prompt methods run the
-context, which all rows share, once and reuse its KV cache (`genadapter/eval/batched.py`).
+Batched (`genadapter eval`'s default), every question of an episode is answered in one greedy
+decode and every gold answer and option is scored in one pass; both run the prefix all rows share
+(for the prompt methods: the context) once and reuse its KV cache (`genadapter/eval/batched.py`).
 One by one (`--one-by-one`) runs the same calls with one row each. Both modes evaluate every
 episode in turn, the order alternating, and their results are compared item by item: the
 predictions and choices must be identical and the answer NLLs equal up to float rounding.

@@ -18,7 +18,9 @@ from genadapter.compat import cache_argument
 from genadapter.eval.metrics import target_logprobs
 
 MIN_SHARED = 16  # a shorter shared prefix is not worth a separate forward
-MAX_BATCH_TOKENS = 8192  # suffix tokens per forward (bounds the logits' memory)
+# tokens per forward, the shared prefix counted once per row: each row extends its own copy of
+# the prefix's KV cache, and on a CPU copying it for many rows costs more than a forward saves
+MAX_BATCH_TOKENS = 4096
 
 
 def shared_prefix_length(rows: list[list[int]], limit: int) -> int:
@@ -30,12 +32,13 @@ def shared_prefix_length(rows: list[list[int]], limit: int) -> int:
     return n
 
 
-def _batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Row indices in groups of at most `budget` padded tokens (longest rows first)."""
+def _batches(lengths: list[int], budget: int, shared: int = 0) -> list[list[int]]:
+    """Row indices in groups of at most `budget` padded tokens, each row counting `shared`
+    prefix tokens too (longest rows first)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups, group = [], []
     for i in order:
-        if group and (len(group) + 1) * lengths[group[0]] > budget:
+        if group and (len(group) + 1) * (shared + lengths[group[0]]) > budget:
             groups.append(group)
             group = []
         group.append(i)
@@ -62,7 +65,7 @@ def score_rows(
         cache = prefix_cache(model, ids_list[0][:shared], device)
     suffixes = [ids[shared:] for ids in ids_list]
     out: list[Tensor | None] = [None] * len(rows)
-    for group in _batches([len(s) for s in suffixes], max_batch_tokens):
+    for group in _batches([len(s) for s in suffixes], max_batch_tokens, shared):
         logits = suffix_logits(model, [suffixes[i] for i in group], shared, cache, device)
         for j, i in enumerate(group):
             ids = torch.tensor([suffixes[i]], device=device)
