@@ -7,6 +7,7 @@ import pytest
 from genadapter.data.episodes import (
     QA,
     TASK_KINDS,
+    Cloze,
     ConversationEpisode,
     Demo,
     DemoEpisode,
@@ -134,11 +135,26 @@ def test_context_texts():
             },
             "must be list",
         ),
+        (
+            {"id": "e", "context": ["x"], "qas": [{"question": "q", "answers": ["a"], "cloze": 1}]},
+            "cloze must be true or false",
+        ),
     ],
 )
 def test_qa_from_json_rejects(record, message):
     with pytest.raises(EpisodeError, match=message):
         QAEpisode.from_json(record)
+
+
+def test_cloze_questions_round_trip():
+    record = {"id": "e", "context": ["The code for zorba is 4711."], "qas": []}
+    record["qas"] = [
+        {"question": "The code for zorba is", "answers": ["4711"], "cloze": True},
+        {"question": "What is the code for zorba?", "answers": ["4711"]},
+    ]
+    episode = QAEpisode.from_json(record)
+    assert [type(qa.question) for qa in episode.qas] == [Cloze, str]
+    assert episode.to_json() == record
 
 
 def test_demo_and_conversation_reject():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from genadapter.data.episodes import Cloze
 from genadapter.eval.metrics import (
     kv_cache_bytes,
     option_accuracy,
@@ -103,4 +104,12 @@ def test_prompt_format_plain_and_chat(smollm2_tokenizer):
         == smollm2_tokenizer(chat.prompt_text("Who?"), add_special_tokens=False).input_ids
     )
     assert chat.clean_answer("\n  Paris.\nQuestion: more") == "Paris."
+    # a cloze follows the context as text, in every format, and its answer continues it
+    cloze = Cloze("The code for zorba is")
+    for fmt in (plain, chat):
+        assert fmt.prompt_text(cloze, "Ctx.") == "Ctx.\n\nThe code for zorba is"
+        assert fmt.prompt_text(cloze) == "The code for zorba is"
+        assert smollm2_tokenizer.decode(fmt.answer_ids("4711", cloze)) == " 4711"
+        assert fmt.clean_answer(" 4711. The code for vala is 12.", cloze) == "4711."
+    assert smollm2_tokenizer.decode(chat.answer_ids("4711", "What is it?")) == "4711"
     assert join_context([" a ", "", "b"]) == "a\n\nb"

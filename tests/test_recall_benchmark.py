@@ -10,7 +10,7 @@ import pytest
 from genadapter.data.benchmarks import make_recall
 from genadapter.data.benchmarks.common import split_of
 from genadapter.data.benchmarks.recall import KINDS, N_OPTIONS
-from genadapter.data.episodes import QAEpisode, read_episodes, write_episodes
+from genadapter.data.episodes import Cloze, QAEpisode, read_episodes, write_episodes
 
 
 def form_regex(template: str) -> re.Pattern:
@@ -34,18 +34,33 @@ def forms_used(episodes: list[QAEpisode], kind_of_template: str) -> set[str]:
     return used
 
 
-def test_recall_is_deterministic_and_round_trips(tmp_path):
-    a, b = make_recall("train", 6, seed=3), make_recall("train", 6, seed=3)
+@pytest.mark.parametrize("ask", ["cloze", "question"])
+def test_recall_is_deterministic_and_round_trips(tmp_path, ask):
+    a, b = make_recall("train", 6, seed=3, ask=ask), make_recall("train", 6, seed=3, ask=ask)
     assert [e.to_json() for e in a] == [e.to_json() for e in b]
     assert [e.to_json() for e in make_recall("train", 6, seed=4)] != [e.to_json() for e in a]
     write_episodes(tmp_path / "r.jsonl", a)
     loaded, problems = read_episodes(tmp_path / "r.jsonl")
     assert not problems and [e.to_json() for e in loaded] == [e.to_json() for e in a]
+    kinds = {type(qa.question) for e in loaded for qa in e.qas}
+    assert kinds == ({Cloze} if ask == "cloze" else {str})
 
 
+def key_of(question: str) -> str:
+    """The key a recall question or cloze asks about."""
+    return next(
+        w
+        for kind in KINDS
+        for t in (*kind.questions, *(re.sub(r"\s*\{v\}[.!?]?$", "", s) for s in kind.statements))
+        if (m := form_regex(t).fullmatch(question))
+        for w in m.groups()
+    )
+
+
+@pytest.mark.parametrize("ask", ["cloze", "question"])
 @pytest.mark.parametrize("k", [4, 16, 64])
-def test_every_question_is_answered_once_by_its_key_and_options_come_from_the_context(k):
-    for e in make_recall("test", 10, k=k, seed=0, n_questions=5):
+def test_every_question_is_answered_once_by_its_key_and_options_come_from_the_context(k, ask):
+    for e in make_recall("test", 10, k=k, seed=0, n_questions=5, ask=ask):
         text = " ".join(e.context)
         assert f"-k{k}-" in e.id
         sentences = re.split(r"(?<=[.])\s+", text)
@@ -58,25 +73,28 @@ def test_every_question_is_answered_once_by_its_key_and_options_come_from_the_co
             (gold_sentence,) = [
                 s for s in sentences if re.search(rf"\b{re.escape(qa.answers[0])}\b", s)
             ]
-            key = next(
-                w
-                for kind in KINDS
-                for t in kind.questions
-                if (m := form_regex(t).fullmatch(qa.question))
-                for w in m.groups()
-            )
-            assert re.search(rf"\b{re.escape(key)}\b", gold_sentence)  # the binding is stated
+            assert re.search(rf"\b{re.escape(key_of(qa.question))}\b", gold_sentence)
+            if ask == "cloze":  # the pair's own sentence up to its value, which ends it
+                assert gold_sentence.startswith(f"{qa.question} {qa.answers[0]}")
+                assert gold_sentence.rstrip(".!?").endswith(qa.answers[0])
         assert len({qa.question for qa in e.qas}) == len(e.qas)
 
 
 def test_splits_use_disjoint_surface_forms_and_names():
-    episodes = {s: make_recall(s, 60, k=(4, 8), seed=0) for s in ("train", "validation", "test")}
+    episodes = {
+        s: make_recall(s, 60, k=(4, 8), seed=0, ask="question")
+        for s in ("train", "validation", "test")
+    }
     for what in ("statements", "questions"):
         used = {s: forms_used(eps, what) for s, eps in episodes.items()}
         assert used["train"] and used["validation"] and used["test"]
         assert not used["train"] & used["validation"]
         assert not used["train"] & used["test"]
         assert not used["validation"] & used["test"]
+    clozes = {s: make_recall(s, 60, k=(4, 8), seed=0) for s in episodes}
+    used = {s: forms_used(eps, "statements") for s, eps in clozes.items()}
+    assert all(used.values()) and not used["train"] & (used["validation"] | used["test"])
+    assert not used["validation"] & used["test"]
     for split, eps in episodes.items():
         for e in eps:
             if "-home-" in e.id or "-colour-" in e.id:  # invented person keys hash into the split
@@ -92,3 +110,5 @@ def test_bad_arguments():
         make_recall("train", 1, k=1)
     with pytest.raises(ValueError, match="k must lie"):
         make_recall("train", 1, k=(4, 200))
+    with pytest.raises(ValueError, match="ask must be one of"):
+        make_recall("train", 1, ask="riddle")

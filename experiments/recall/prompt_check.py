@@ -1,6 +1,7 @@
 """Can the frozen LM do the task with the context in its prompt? Prompt-method choice accuracy
-on `facts` (validation, 1-3 documents) and on `recall` at K = 2 without filler, the easiest
-recall there is. A benchmark the prompted LM cannot solve cannot rank the memories.
+on `facts` (validation, 1-3 documents) and on `recall`, asked as questions in other words and as
+clozes (the pair's own sentence up to its value), at K = 2 without filler and at K = 4 / 16 as
+the benchmark has them. A benchmark the prompted LM cannot solve cannot rank the memories.
 
     python experiments/recall/prompt_check.py
 """
@@ -26,10 +27,15 @@ def main() -> int:
         "facts validation, 1-3 documents (8 options)": make_facts(
             "validation", 6, seed=0, docs_per_episode=(1, 3)
         ),
-        "recall validation, K = 2, no filler (2 options)": make_recall(
-            "validation", 8, k=2, seed=0, filler=0.0
-        ),
     }
+    for ask in ("question", "cloze"):
+        cases[f"recall validation, {ask}s, K = 2, no filler (2 options)"] = make_recall(
+            "validation", 8, k=2, seed=0, filler=0.0, ask=ask
+        )
+        for k in (4, 16):
+            cases[f"recall validation, {ask}s, K = {k} ({min(8, k)} options)"] = make_recall(
+                "validation", 8, k=k, seed=0, ask=ask
+            )
     for name, episodes in cases.items():
         accuracy, n = choice(prompt, episodes)
         print(f"{name}: prompt choice {100 * accuracy:.1f} % of {n} questions")

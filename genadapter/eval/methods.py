@@ -129,7 +129,7 @@ class Adapted:
         out = self.lm.generate(prompts, self.max_new_tokens, self.fmt.stop_token_ids())
         for ids, (_, n_new) in zip(prompts, out, strict=True):
             self._track_kv(len(ids) + n_new)
-        return [self.fmt.clean_answer(text) for text, _ in out]
+        return [self.fmt.clean_answer(text, q) for (text, _), q in zip(out, questions, strict=True)]
 
     def answer_nlls(self, questions: list[str], answers: list[str]) -> list[float]:
         """Teacher-forced negative log-likelihood of each gold answer, nats per answer token."""
@@ -148,7 +148,7 @@ class Adapted:
         unique = list(dict.fromkeys(pairs))
         rows = []
         for question, answer in unique:
-            target = self.fmt.answer_ids(answer)
+            target = self.fmt.answer_ids(answer, question)
             ids = self._prompt(question, len(target)) + target
             self._track_kv(len(ids))
             rows.append((ids, len(target)))

@@ -5,14 +5,19 @@ weights); the question, and the tokens the answer is scored on, are formatted id
 score differences come from the adaptation and not from prompt wording.
 
 Format: the base LM's chat template when it has one (one user turn: optional context, then
-the question; the answer is the assistant turn), else plain "Question: ...\\nAnswer:".
+the question; the answer is the assistant turn), else plain "Question: ...\\nAnswer:". A
+`Cloze` question is one the answer continues ("The code for zorba is" -> "4711"): it follows the
+context as plain text in every format, never as a chat turn.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+
+from genadapter.data.episodes import Cloze
 
 CONTEXT_SEPARATOR = "\n\n"
 
@@ -34,6 +39,8 @@ class PromptFormat:
             self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
     def prompt_text(self, question: str, context: str | None = None) -> str:
+        if isinstance(question, Cloze):
+            return f"{context}{CONTEXT_SEPARATOR}{question}" if context else str(question)
         body = f"{context}{CONTEXT_SEPARATOR}{question}" if context else question
         if self.use_chat_template:
             return self.tokenizer.apply_chat_template(
@@ -46,17 +53,21 @@ class PromptFormat:
     def prompt_ids(self, question: str, context: str | None = None) -> list[int]:
         # A chat template already spells out its special tokens; plain text gets the usual BOS.
         text = self.prompt_text(question, context)
-        return self.tokenizer(text, add_special_tokens=not self.use_chat_template).input_ids
+        plain = isinstance(question, Cloze) or not self.use_chat_template
+        return self.tokenizer(text, add_special_tokens=plain).input_ids
 
-    def answer_ids(self, answer: str) -> list[int]:
-        """Target tokens of an answer, as they follow the prompt (plain format: after a space)."""
-        text = answer.strip() if self.use_chat_template else " " + answer.strip()
+    def answer_ids(self, answer: str, question: str = "") -> list[int]:
+        """Target tokens of an answer, as they follow the prompt (plain text: after a space)."""
+        plain = isinstance(question, Cloze) or not self.use_chat_template
+        text = " " + answer.strip() if plain else answer.strip()
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def clean_answer(self, generated: str) -> str:
-        """First line of the generated text: answers are short, models ramble on."""
+    def clean_answer(self, generated: str, question: str = "") -> str:
+        """First line of the generated text (answers are short, models ramble on); of a cloze's
+        continuation, its first sentence."""
         lines = [ln.strip() for ln in generated.strip().splitlines() if ln.strip()]
-        return lines[0] if lines else ""
+        first = lines[0] if lines else ""
+        return re.split(r"(?<=[.!?])\s", first)[0] if isinstance(question, Cloze) else first
 
     def stop_token_ids(self) -> list[int]:
         """End of sequence (for chat templates the end-of-turn token is the tokenizer's EOS)."""

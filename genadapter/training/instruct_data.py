@@ -112,10 +112,13 @@ def encode_episode(
     return EncodedEpisode(
         chunks=chunks,
         prompts=[fmt.prompt_ids(q) for q, _ in pairs],
-        answers=[fmt.answer_ids(a) + end for _, a in pairs],
+        answers=[fmt.answer_ids(a, q) + end for q, a in pairs],
         prompts_with_context=[fmt.prompt_ids(q, context) for q, _ in pairs] if context else [],
         # scored as evaluation scores options: answer tokens only, no end of turn
-        candidates=[[fmt.answer_ids(c) for c in cands] for cands in candidates],
+        candidates=[
+            [fmt.answer_ids(c, q) for c in cands]
+            for (q, _), cands in zip(pairs, candidates, strict=True)
+        ],
         answer_positions=positions,
     )
 

@@ -2,7 +2,9 @@
 
 An episode states K key -> value pairs of one kind (a person's home town, a code word's number,
 a room's guest, a word's meaning, a person's colour), one sentence each, among filler; its
-questions ask the value of some keys. Every option of a question is a value the same context
+questions ask the value of some keys: by default as a cloze, the pair's own sentence up to its
+value ("The code for zorba is" -> "4711", the classic recall probe: find the key, copy what
+followed it), or as a question in other words ("What is the code for zorba?", `ask="question"`). Every option of a question is a value the same context
 gives another key, so only a state that binds each value to its key can choose: the kind of
 answer and the set of values read are no help.
 
@@ -18,7 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from genadapter.data.episodes import QA, QAEpisode
+from genadapter.data.episodes import QA, Cloze, QAEpisode
 
 from .common import (
     NameMaker,
@@ -35,6 +37,8 @@ from .common import (
 N_HELD_OUT = 2  # statements and questions per split held out for validation and for test
 N_OPTIONS = 8  # candidates per question: the gold value and up to 7 other values of the context
 K_VALUES = (4, 8, 16, 32, 64)
+ASK = ("cloze", "question")
+CLOZE_END = re.compile(r"\s*\{v\}[.!?]?$")  # a statement that ends with its value makes a cloze
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class PairKind:
         if split == "validation":
             return templates[-2 * n : -n]
         return templates[: -2 * n]
+
+    def statement_forms(self, split: str, ask: str) -> tuple[str, ...]:
+        """The split's statements; for clozes, those that end with the value."""
+        forms = self.forms(self.statements, split)
+        return tuple(f for f in forms if CLOZE_END.search(f)) if ask == "cloze" else forms
 
 
 def drawer(spec: str | dict, pools: dict[str, tuple[str, ...]]) -> Callable[[NameMaker], str]:
@@ -84,6 +93,12 @@ def _pair_kind(entry: dict, pools: dict[str, tuple[str, ...]]) -> PairKind:
     held_out = 2 * N_HELD_OUT
     check_phrasings("statements", kind.statements, held_out, {"k", "v"}, [{"k"}, {"v"}])
     check_phrasings("questions", kind.questions, held_out, {"k"}, [{"k"}])
+    for split in ("train", "validation", "test"):
+        if not kind.statement_forms(split, "cloze"):
+            raise ValueError(
+                f"recall.yaml: pair {kind.name!r} has no {split} statement ending with {{v}} "
+                "(clozes need one)"
+            )
     for pool in (entry["key"], entry["value"]):
         if isinstance(pool, dict) and "pool" in pool and len(pools[pool["pool"]]) < max(K_VALUES):
             raise ValueError(f"pool {pool['pool']} has fewer than {max(K_VALUES)} entries")
@@ -123,14 +138,18 @@ def distinct(draw: Callable[[], str], n: int, taken: set[str]) -> list[str]:
     raise RuntimeError(f"could not draw {n} distinct values")
 
 
-def _sentences(r: random.Random, kind: PairKind, pairs: list, split: str, filler: float) -> list:
-    """Each pair stated once in a form of the split, in random order, with filler between."""
-    forms = kind.forms(kind.statements, split)
-    out = []
-    for k, v in r.sample(pairs, len(pairs)):
-        out.append(r.choice(forms).format(k=k, v=v))
+def _sentences(
+    r: random.Random, kind: PairKind, pairs: list, split: str, filler: float, ask: str
+) -> tuple[list[str], dict[int, str | None]]:
+    """Each pair stated once in a form of the split, in random order, with filler between; and
+    per pair, the form its cloze repeats (None when asking questions)."""
+    forms, out, form_of = kind.statement_forms(split, ask), [], {}
+    for i in r.sample(range(len(pairs)), len(pairs)):
+        form = r.choice(forms)
+        form_of[i] = form if ask == "cloze" else None
+        out.append(form.format(k=pairs[i][0], v=pairs[i][1]))
         out += r.sample(FILLER, min(len(FILLER), int(filler) + (r.random() < filler % 1)))
-    return out
+    return out, form_of
 
 
 def _documents(sentences: list[str], per_doc: int) -> list[str]:
@@ -145,23 +164,28 @@ def make_recall(
     n_questions: int = 4,
     filler: float = 1.0,
     sentences_per_doc: int = 8,
+    ask: str = "cloze",
 ) -> list[QAEpisode]:
     """`recall` episodes for one split: `k` pairs each (an int, or a tuple drawn from per
     episode), `filler` filler sentences per pair on average, `n_questions` questions on distinct
-    keys, documents of `sentences_per_doc` sentences."""
+    keys (`ask`: clozes or questions), documents of `sentences_per_doc` sentences."""
     check_split(split)
+    if ask not in ASK:
+        raise ValueError(f"ask must be one of {ASK}, got {ask!r}")
     ks = (k,) if isinstance(k, int) else tuple(k)
     if min(ks) < 2 or max(ks) > max(K_VALUES):
         raise ValueError(f"k must lie in [2, {max(K_VALUES)}], got {ks}")
-    r = rng_for("recall", split, seed, ks, n_questions, filler)
+    # questions keep the stream they had before clozes came (the same episodes as then)
+    r = rng_for("recall", split, seed, ks, n_questions, filler, *([ask] if ask == "cloze" else []))
     episodes = []
     for i in range(n_episodes):
         kind, n_pairs = r.choice(KINDS), r.choice(ks)
         episode_id = f"recall-{split}-s{seed}-k{n_pairs}-{kind.name}-{i:05d}"
         pairs = draw_pairs(NameMaker(r, split), kind, n_pairs)
-        docs = _documents(_sentences(r, kind, pairs, split, filler), sentences_per_doc)
+        sentences, form_of = _sentences(r, kind, pairs, split, filler, ask)
+        docs = _documents(sentences, sentences_per_doc)
         qas = [
-            _question(r, kind, pairs, i, split)
+            _question(r, kind, pairs, i, split, form_of[i])
             for i in r.sample(range(n_pairs), min(n_questions, n_pairs))
         ]
         episodes.append(QAEpisode(episode_id, docs, qas))
@@ -176,10 +200,16 @@ def draw_pairs(names: NameMaker, kind: PairKind, n: int) -> list[tuple[str, str]
     return list(zip(keys, values, strict=True))
 
 
-def _question(r: random.Random, kind: PairKind, pairs: list, asked: int, split: str) -> QA:
-    """The question on pair `asked`; its options are its value and others of the context."""
+def _question(
+    r: random.Random, kind: PairKind, pairs: list, asked: int, split: str, form: str | None
+) -> QA:
+    """The question on pair `asked`: the cloze of its statement `form`, or (None) a question of
+    the split; its options are its value and others of the context."""
     key, value = pairs[asked]
     others = [v for j, (_, v) in enumerate(pairs) if j != asked]
     options = [value, *r.sample(others, min(N_OPTIONS - 1, len(others)))]
-    question = r.choice(kind.forms(kind.questions, split)).format(k=key)
+    if form is None:
+        question = r.choice(kind.forms(kind.questions, split)).format(k=key)
+    else:
+        question = Cloze(CLOZE_END.sub("", form).format(k=key))
     return QA(question, [value], r.sample(options, len(options)))
