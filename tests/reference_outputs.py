@@ -1,7 +1,8 @@
 """Outputs of every committed generator on a fixed text, stored once as a reference.
 
 `python tests/reference_outputs.py` adds the outputs of generators committed since to
-`tests/data/committed_generators.safetensors` (`--all` rewrites every entry);
+`tests/data/committed_generators.safetensors` and drops those of generators no longer committed
+(`--all` rewrites every entry, `DIR ...` the entries of retrained generators);
 `test_committed_generators.py` recomputes the same outputs and compares. Write it only from
 code whose outputs are known good: a refactor must leave them unchanged.
 """
@@ -69,8 +70,12 @@ def read_reference() -> dict[str, tuple[dict[str, torch.Tensor], dict[str, objec
 
 
 def main() -> int:
-    """Add the reference of every generator that has none; `--all` rewrites them all."""
+    """Add the reference of every generator that has none; `--all` rewrites them all, named
+    generator folders are rewritten, and entries of generators no longer committed go."""
     old = {} if "--all" in sys.argv else read_reference() if REFERENCE.is_file() else {}
+    committed = {str(p.relative_to(ROOT)) for p in GENERATORS}
+    redo = {a.rstrip("/") for a in sys.argv[1:] if not a.startswith("--")}
+    old = {name: v for name, v in old.items() if name in committed and name not in redo}
     tensors, meta = {}, {}
     for name, (t, m) in old.items():
         tensors.update({f"{name}/{k}": v for k, v in t.items()})
