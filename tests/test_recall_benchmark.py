@@ -9,7 +9,7 @@ import pytest
 
 from genadapter.data.benchmarks import make_recall
 from genadapter.data.benchmarks.common import split_of
-from genadapter.data.benchmarks.recall import KINDS, N_OPTIONS
+from genadapter.data.benchmarks.recall import CLOZE_END, KINDS, N_OPTIONS
 from genadapter.data.episodes import Cloze, QAEpisode, read_episodes, write_episodes
 
 
@@ -51,7 +51,7 @@ def key_of(question: str) -> str:
     return next(
         w
         for kind in KINDS
-        for t in (*kind.questions, *(re.sub(r"\s*\{v\}[.!?]?$", "", s) for s in kind.statements))
+        for t in (*kind.questions, *(CLOZE_END.sub("", s) for s in kind.statements))
         if (m := form_regex(t).fullmatch(question))
         for w in m.groups()
     )

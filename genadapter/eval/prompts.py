@@ -38,10 +38,14 @@ class PromptFormat:
         if self.use_chat_template is None:
             self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
+    def plain_text(self, question: str) -> bool:
+        """Whether the question is prompted as plain text (a cloze, or no chat template)."""
+        return isinstance(question, Cloze) or not self.use_chat_template
+
     def prompt_text(self, question: str, context: str | None = None) -> str:
+        body = f"{context}{CONTEXT_SEPARATOR}{question}" if context else str(question)
         if isinstance(question, Cloze):
-            return f"{context}{CONTEXT_SEPARATOR}{question}" if context else str(question)
-        body = f"{context}{CONTEXT_SEPARATOR}{question}" if context else question
+            return body
         if self.use_chat_template:
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
@@ -53,13 +57,11 @@ class PromptFormat:
     def prompt_ids(self, question: str, context: str | None = None) -> list[int]:
         # A chat template already spells out its special tokens; plain text gets the usual BOS.
         text = self.prompt_text(question, context)
-        plain = isinstance(question, Cloze) or not self.use_chat_template
-        return self.tokenizer(text, add_special_tokens=plain).input_ids
+        return self.tokenizer(text, add_special_tokens=self.plain_text(question)).input_ids
 
     def answer_ids(self, answer: str, question: str = "") -> list[int]:
         """Target tokens of an answer, as they follow the prompt (plain text: after a space)."""
-        plain = isinstance(question, Cloze) or not self.use_chat_template
-        text = " " + answer.strip() if plain else answer.strip()
+        text = " " + answer.strip() if self.plain_text(question) else answer.strip()
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def clean_answer(self, generated: str, question: str = "") -> str:

@@ -4,9 +4,10 @@ An episode states K key -> value pairs of one kind (a person's home town, a code
 a room's guest, a word's meaning, a person's colour), one sentence each, among filler; its
 questions ask the value of some keys: by default as a cloze, the pair's own sentence up to its
 value ("The code for zorba is" -> "4711", the classic recall probe: find the key, copy what
-followed it), or as a question in other words ("What is the code for zorba?", `ask="question"`). Every option of a question is a value the same context
-gives another key, so only a state that binds each value to its key can choose: the kind of
-answer and the set of values read are no help.
+followed it), or as a question in other words ("What is the code for zorba?", `ask="question"`).
+Every option of a question is a value the same context gives another key, so only a state that
+binds each value to its key can choose: the kind of answer and the set of values read are no
+help.
 
 The splits hold out surface forms: train, validation and test state and ask with disjoint
 sentences (`templates/recall.yaml`), and invented keys and values (names, code words) hash
