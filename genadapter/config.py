@@ -125,6 +125,9 @@ class GeneratorConfig:
     memory: str = "linear"
     ridge_lambda: float = 0.01  # lam, relative to tr(H) / r_in
     ridge_learned: bool = False  # lam learned per target (starting at ridge_lambda)
+    # values v_t = V h_t from this layer's features instead of the target's own (0 = the token
+    # embeddings: with a tied LM head, a value read out at a top layer says which token to copy)
+    value_layer: int | None = None
     dtype: str = "float32"
     init_std: float | None = None  # std of A, K, V; None = 1/sqrt(fan_in)
     base_model: str | None = None  # hub id or path of the frozen LM, recorded by from_base
@@ -139,6 +142,8 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.keys must be a KeyConfig, got {self.keys!r}")
         if self.memory not in MEMORIES:
             raise ValueError(f"memory must be one of {MEMORIES}, got {self.memory!r}")
+        if self.value_layer is not None:
+            _check_int("GeneratorConfig", "value_layer", self.value_layer, 0)
         if not float(self.ridge_lambda) > 0.0:
             raise ValueError(f"ridge_lambda must be > 0, got {self.ridge_lambda}")
         if self.normalization not in NORMALIZATIONS:

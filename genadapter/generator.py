@@ -6,7 +6,7 @@ For a target module with frozen weight W (out x in) in decoder layer l (docs/met
     h̄_t = mean of h over t's key window  (KeyConfig.window back, .lookahead ahead, moved .shift
                                          back; inside t's chunk)
     k_t = g_t K h̄_t,  g_t = 2 sigmoid(G . h_t) (1 without a gate)          (keys)
-    v_t = V h_t                                                            (values)
+    v_t = V h_t   (h of GeneratorConfig.value_layer if set: 0 = token embeddings) (values)
     S   = sum_t k_t v_t^T               the state, r_in x r                (Writes.S)
           ("ridge" memory: [G | H], H = sum_t k_t k_t^T, read out as M = (H + lam_bar I)^-1 G)
     dW  = (alpha / r) B N(M)^T A        a LoRA: lora_A = N(M)^T A, lora_B = B   (Generator.lora)
@@ -126,14 +126,18 @@ class ModuleGenerator(nn.Module):
         return h @ self.G
 
     def statistics(self, h: Tensor, raw: Tensor, keys: Tensor) -> Tensor:
-        """The state (memory.write) of values V h_t under `keys` = w_t K h̄_t, w_t the gate and
-        weight of each token and `raw` = K h̄_t: sum_t k_t (V h_t)^T (b, r_in, r), and for a
+        """The state (memory.write) of values V h_t (h: the value layer's features) under
+        `keys` = w_t K h̄_t, w_t the gate and weight of each token and `raw` = K h̄_t: sum_t k_t (V h_t)^T (b, r_in, r), and for a
         ridge memory H = sum_t w_t K h̄_t (K h̄_t)^T beside it."""
         return memory.write(keys, h @ self.V.T, raw, self.memory)
 
     def read_out(self, S: Tensor) -> Tensor:
         """The memory matrix (b, r_in, r) a state is read out as (memory.read_out)."""
         return memory.read_out(S, self.memory, self.log_lambda.exp())
+
+
+def _given(value: int | None) -> tuple[int, ...]:
+    return () if value is None else (value,)
 
 
 def module_key(name: str) -> str:
@@ -155,6 +159,8 @@ class Generator(nn.Module):
             {module_key(t.name): ModuleGenerator(t, hidden_size, config, dtype) for t in targets}
         )
         self.layers = sorted({t.layer for t in targets})
+        # the layers whose features a read needs: the targets' own, and the values' layer
+        self.feature_layers = sorted({*self.layers, *_given(config.value_layer)})
         self._fingerprint_cache: tuple[tuple, str] | None = None
 
     def __getitem__(self, name: str) -> ModuleGenerator:
@@ -191,13 +197,20 @@ class Generator(nn.Module):
         mask = mask.to(self.dtype)
         weight = mask if weight is None else mask * weight.to(self.dtype)
         S, keys, gates = {}, {}, {}
+        value_layer = self.config.value_layer
+        shared_values = (
+            None
+            if value_layer is None
+            else rms_normalize(hidden_states[value_layer].to(self.dtype))
+        )
         for layer in self.layers:
             h, h_key = self.features(hidden_states[layer], mask)
+            values = h if shared_values is None else shared_values
             for t in (t for t in self.targets if t.layer == layer):
                 block = self[t.name]
                 raw = block.unit_keys(h_key)
                 keys[t.name] = block.keys(h, raw, weight)
-                S[t.name] = block.statistics(h, raw, keys[t.name]).to(self.state_dtype)
+                S[t.name] = block.statistics(values, raw, keys[t.name]).to(self.state_dtype)
                 if block.G is not None:
                     gates[t.name] = block.gate_logits(h)
         return Writes(S, mask.sum(1).to(self.state_dtype), keys, gates)
@@ -237,6 +250,7 @@ class Generator(nn.Module):
             window += ("shift", c.keys.shift) if c.keys.shift else ()
             window += ("unit keys",) if c.keys.normalize else ()
             window += ("ridge",) if c.memory == "ridge" else ()
+            window += ("values from", c.value_layer) if c.value_layer is not None else ()
             h.update(repr(shape + window).encode())
             for p in params:
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

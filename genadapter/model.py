@@ -261,12 +261,13 @@ class GenerativeAdapter(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None
     ) -> dict[int, Tensor]:
         """{layer l: hidden state entering decoder layer l} (HF `hidden_states[l]`) for every layer
-        the generator adapts, when the frozen LM reads these chunks alone.
+        the generator reads (`Generator.feature_layers`), when the frozen LM reads these chunks
+        alone.
 
-        The forward stops at the input of the highest adapted layer: the layers above it, the
+        The forward stops at the input of the highest such layer: the layers above it, the
         final norm and the LM head never run, and no other hidden state is kept.
         """
-        layers, captured = self.generator.layers, {}
+        layers, captured = self.generator.feature_layers, {}
         blocks = self._modules_by_name[self._layers_name]
 
         def capture(layer: int):

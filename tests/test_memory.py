@@ -67,10 +67,12 @@ def make(memory: str, **cfg) -> GenerativeAdapter:
     return ga
 
 
-def test_read_state_solves_to_float64_least_squares_of_the_tokens():
+@pytest.mark.parametrize("value_layer", [None, 0, 2])
+def test_read_state_solves_to_float64_least_squares_of_the_tokens(value_layer):
     """The whole path: a document read in chunks, S* of each target against lstsq over the
-    float64 keys K h_t and values V h_t recomputed from the frozen LM's hidden states."""
-    ga = make("ridge", ridge_lambda=0.05)
+    float64 keys K h_t and values V h_t recomputed from the frozen LM's hidden states (h of
+    the target's own layer, or of `value_layer` for the values)."""
+    ga = make("ridge", ridge_lambda=0.05, value_layer=value_layer)
     doc = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     state = ga.read(doc)
     with torch.no_grad():
@@ -78,7 +80,9 @@ def test_read_state_solves_to_float64_least_squares_of_the_tokens():
         for t in ga.generator.targets:
             block = ga.generator[t.name]
             h = torch.cat([rms_normalize(x[t.layer][0].double()) for x in hidden])
-            want = ridge_lstsq(h @ block.K.double().T, h @ block.V.double().T, 0.05)
+            at = t.layer if value_layer is None else value_layer
+            hv = torch.cat([rms_normalize(x[at][0].double()) for x in hidden])
+            want = ridge_lstsq(h @ block.K.double().T, hv @ block.V.double().T, 0.05)
             got = block.read_out(state.S[t.name])[0].double()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # decay of the whole state leaves S* as it is: only later reading weighs more
@@ -86,6 +90,21 @@ def test_read_state_solves_to_float64_least_squares_of_the_tokens():
         block = ga.generator[name]
         faded = state.decay(0.3).S[name]
         torch.testing.assert_close(block.read_out(faded), block.read_out(s), rtol=1e-4, atol=1e-6)
+
+
+def test_values_from_another_layer_mean_another_state():
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    own = GenerativeAdapter.from_base(base, GeneratorConfig(r=4, r_in=6, layers=[2]))
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(r=4, r_in=6, layers=[2], value_layer=0)
+    embedded = GenerativeAdapter.from_base(base, cfg)
+    assert embedded.generator.feature_layers == [0, 2]
+    assert embedded.generator.fingerprint() != own.generator.fingerprint()
+    with pytest.raises(ValueError, match="value_layer 3 out of range"):
+        GenerativeAdapter.from_base(base, cfg.replace(value_layer=3))
+    with pytest.raises(ValueError, match="value_layer must be an int >= 0"):
+        GeneratorConfig(value_layer=-1)
 
 
 def test_a_state_of_the_other_memory_is_refused(tmp_path):

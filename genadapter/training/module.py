@@ -15,10 +15,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model
 from genadapter.config import GeneratorConfig
+from genadapter.data.corpus import wiki_documents
 from genadapter.model import GenerativeAdapter
+from genadapter.query_init import fit_queries
 from genadapter.training.objectives import pretrain_losses
 
 OBJECTIVES = ("completion", "reconstruction")
@@ -61,6 +64,7 @@ class GeneratorPretraining(L.LightningModule):
         base_dtype: str = "float32",
         max_prompt_len: int | None = None,
         export_dir: str | None = None,
+        query_init_docs: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -88,6 +92,11 @@ class GeneratorPretraining(L.LightningModule):
             cfg.base_model = base_model
             torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
+        if query_init_docs > 0:  # queries start as keys (a resumed run's checkpoint overrides)
+            fits = fit_queries(self.ga, wiki_documents("train")[:query_init_docs])
+            rank_zero_info(
+                f"queries fitted to keys, R² {min(fits.values()):.3f}-{max(fits.values()):.3f}"
+            )
         self.tokenizer_name = base_model
         self._checkpoint_layers()
         self._val_sums: dict[str, torch.Tensor] = {}

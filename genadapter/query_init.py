@@ -1,0 +1,81 @@
+"""Queries that start as keys: each target's A fitted so that A x_t = K h̄_t in the frozen LM.
+
+With keys shifted back (`KeyConfig.shift` = s) a value v_t is written under the key of the
+tokens before it, K h̄_{t-s}. A question that ends in those same tokens ("You will find Ruper
+Duleth in") finds that value if its query is the key those tokens would write, and a least-
+squares memory then reads that key's value nearly alone (docs/method.md §5). No match is left
+to learn, which is what training from random A, K never found on recall in 150 steps.
+
+A reads the target's input x, keys read the layer's normalised input h: A = K R, R the ridge
+regression of h̄_t (the key window at shift 0) on x_t over calibration text. The fit is exact
+when the target reads a norm of h (an attention's q/k/v projection), close for an MLP's input
+projections (the residual after attention), poor for o_proj / down_proj inputs; `fit_queries`
+returns each target's R² so a user sees which.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .chunking import cut, pad
+from .generator import window_mean
+
+RIDGE = 1e-4  # of the regression, relative to tr(X^T X) / in_features
+
+
+def regression(X: Tensor, Y: Tensor, lam: float = RIDGE) -> tuple[Tensor, float]:
+    """R (out x in) minimising |X R^T - Y|^2 + lam_bar |R|^2 in float64, and its R² on X, Y."""
+    X, Y = X.double(), Y.double()
+    XtX = X.T @ X
+    lam_bar = lam * XtX.diagonal().sum() / XtX.shape[0]
+    R = torch.linalg.solve(XtX + lam_bar * torch.eye(XtX.shape[0], dtype=X.dtype), X.T @ Y).T
+    residual = (Y - X @ R.T).pow(2).sum()
+    return R, float(1 - residual / (Y - Y.mean(0)).pow(2).sum())
+
+
+def target_inputs(ga, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """{target: its input x (b, t, in)} in the frozen LM reading these rows."""
+    modules = dict(ga.base_model.named_modules())
+    out, handles = {}, []
+    for name in ga.generator.names:
+        hook = lambda module, args, name=name: out.__setitem__(name, args[0])  # noqa: E731
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        ga.base_model(input_ids=ids.to(ga.device), attention_mask=mask.to(ga.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
+def fit_queries(ga, texts: list[str], max_chunks: int = 64, batch: int = 16) -> dict[str, float]:
+    """Set every target's A to K R (see the module docstring) from `texts` read in the
+    generator's chunks (at most `max_chunks`); returns each target's R². B stays as it is."""
+    gen, tok = ga.generator, ga.tokenizer
+    c = gen.config
+    chunks = [
+        ids for t in texts for ids in cut(tok(t, add_special_tokens=False).input_ids, c.chunk_len)
+    ]
+    chunks = [ids for ids in chunks if len(ids) > c.keys.window][:max_chunks]
+    if not chunks:
+        raise ValueError("fit_queries needs calibration text longer than the key window")
+    xs: dict[str, list] = {}
+    ys: dict[int, list] = {}
+    for start in range(0, len(chunks), batch):
+        ids, mask = pad(chunks[start : start + batch], pad_id=tok.pad_token_id or 0)
+        real = mask.bool()
+        for name, x in target_inputs(ga, ids, mask).items():
+            xs.setdefault(name, []).append(x[real].cpu())
+        for layer, hidden in ga.context_features(ids, mask).items():
+            h = gen.features(hidden, mask.to(hidden.device))[0]
+            keys = c.keys
+            h_key = window_mean(h, mask.to(h).to(h.device), keys.window, keys.lookahead, 0)
+            ys.setdefault(layer, []).append(h_key[real.to(h.device)].cpu())
+    fits = {}
+    for target in gen.targets:
+        block = gen[target.name]
+        R, fits[target.name] = regression(torch.cat(xs[target.name]), torch.cat(ys[target.layer]))
+        block.A.copy_((block.K.double() @ R.to(block.K.device)).to(block.A.dtype))
+    return fits

@@ -1,0 +1,59 @@
+"""fit_queries: a target's query map A starts as its keys' map K, A x_t = K h̄_t in the frozen LM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from genadapter import GenerativeAdapter, GeneratorConfig
+from genadapter.query_init import fit_queries, regression, target_inputs
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 6,
+    "Ruper Duleth lives in Odense, and Nevum Babene has moved to Krakow with her family. " * 6,
+]
+
+
+def adapter(tokenizer, targets: list[str]) -> GenerativeAdapter:
+    model = tiny_model("llama", vocab=len(tokenizer), init_range=0.5)
+    with torch.no_grad():  # norms that are not the identity, so R has something to undo
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 2.0)
+    torch.manual_seed(0)
+    config = GeneratorConfig(r=4, r_in=8, target_modules=targets, chunk_len=16, dtype="float64")
+    return GenerativeAdapter.from_base(model.double(), config, tokenizer=tokenizer)
+
+
+def test_regression_recovers_a_linear_map_and_its_r2():
+    g = torch.Generator().manual_seed(0)
+    X, R = torch.randn(500, 6, generator=g), torch.randn(3, 6, generator=g)
+    fitted, r2 = regression(X, X @ R.T, lam=1e-9)
+    torch.testing.assert_close(fitted, R.double(), rtol=1e-5, atol=1e-5)
+    assert r2 == pytest.approx(1.0, abs=1e-9)
+    _, r2_noise = regression(X, torch.randn(500, 3, generator=g))
+    assert r2_noise < 0.1
+
+
+def test_queries_of_a_normed_input_become_the_keys_exactly(smollm2_tokenizer):
+    ga = adapter(smollm2_tokenizer, ["v_proj", "o_proj"])
+    B = {n: ga.generator[n].B.clone() for n in ga.generator.names}
+    fits = fit_queries(ga, TEXTS)
+    v, o = "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj"
+    assert fits[v] == pytest.approx(1.0, abs=1e-6)  # v_proj reads input_layernorm(h): exact
+    assert fits[o] < 0.999  # o_proj reads the attention's output: only a regression
+    ids = smollm2_tokenizer("Odense is a city in Denmark, home of Ruper Duleth.").input_ids
+    ids, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+    x = target_inputs(ga, ids, mask)[v][0]
+    h = ga.generator.features(ga.context_features(ids, mask)[1], mask)[0][0]
+    block = ga.generator[v]
+    query, key = x @ block.A.T, h @ block.K.T  # Llama's norm runs in float32: 1e-3 of the scale
+    torch.testing.assert_close(query, key, rtol=0, atol=1e-3 * key.abs().max().item())
+    for name, b in B.items():  # B untouched: the adapter still changes nothing
+        assert torch.equal(ga.generator[name].B, b)
+
+
+def test_fit_queries_refuses_text_shorter_than_a_key(smollm2_tokenizer):
+    ga = adapter(smollm2_tokenizer, ["v_proj"])
+    with pytest.raises(ValueError, match="calibration text"):
+        fit_queries(ga, [""])
