@@ -21,8 +21,8 @@ from genadapter.assets import DEFAULT_MODEL, load_base_model
 from genadapter.config import GeneratorConfig
 from genadapter.data.corpus import wiki_documents
 from genadapter.model import GenerativeAdapter
-from genadapter.query_init import fit_queries
 from genadapter.training.objectives import pretrain_losses
+from genadapter.warm_start import copy_values, fit_queries
 
 OBJECTIVES = ("completion", "reconstruction")
 # Losses of the frozen base alone: they never change during training, so every validation
@@ -65,6 +65,7 @@ class GeneratorPretraining(L.LightningModule):
         max_prompt_len: int | None = None,
         export_dir: str | None = None,
         query_init_docs: int = 0,
+        copy_init_beta: float = 0.0,
         seed: int = 0,
     ):
         super().__init__()
@@ -92,7 +93,10 @@ class GeneratorPretraining(L.LightningModule):
             cfg.base_model = base_model
             torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
-        if query_init_docs > 0:  # queries start as keys (a resumed run's checkpoint overrides)
+        # warm starts (genadapter/warm_start.py; a resumed run's checkpoint overrides them)
+        if copy_init_beta > 0:  # values read out copy their token
+            copy_values(self.ga, copy_init_beta)
+        if query_init_docs > 0:  # queries start as keys
             fits = fit_queries(self.ga, wiki_documents("train")[:query_init_docs])
             rank_zero_info(
                 f"queries fitted to keys, R² {min(fits.values()):.3f}-{max(fits.values()):.3f}"

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_model
 
 from genadapter import GenerativeAdapter, GeneratorConfig
-from genadapter.query_init import fit_queries, regression, target_inputs
+from genadapter.generator import rms_normalize
+from genadapter.warm_start import copy_values, fit_queries, regression, target_inputs
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 6,
@@ -57,3 +58,38 @@ def test_fit_queries_refuses_text_shorter_than_a_key(smollm2_tokenizer):
     ga = adapter(smollm2_tokenizer, ["v_proj"])
     with pytest.raises(ValueError, match="calibration text"):
         fit_queries(ga, [""])
+
+
+def test_copy_values_adds_the_read_tokens_output_embedding():
+    model = tiny_model("llama", init_range=0.5)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    torch.manual_seed(0)
+    config = GeneratorConfig(
+        r=32, r_in=8, target_modules=["down_proj"], value_layer=0, dtype="float64"
+    )
+    ga = GenerativeAdapter.from_base(model.double(), config)
+    copy_values(ga, beta=3.0)
+    E = model.get_input_embeddings().weight.detach().double()
+    U = model.get_output_embeddings().weight.detach().double()
+    for name in ga.generator.names:
+        block = ga.generator[name]
+        copied = config.scaling * rms_normalize(E) @ block.V.T @ block.B.T  # a value read out
+        M = regression(rms_normalize(E), U)[0]
+        torch.testing.assert_close(copied, 3.0 * rms_normalize(E) @ M.T)  # r = d: all of it
+        cos = torch.nn.functional.cosine_similarity(copied, U, dim=-1)
+        assert cos.min() > 0.99  # tied: the copy is the token's own embedding
+
+
+def test_copy_values_refuses_what_cannot_copy():
+    model = tiny_model("llama")
+    own = GenerativeAdapter.from_base(model, GeneratorConfig(r=4, r_in=4))
+    with pytest.raises(ValueError, match="value_layer: 0"):
+        copy_values(own, 1.0)
+    up = GenerativeAdapter.from_base(
+        model, GeneratorConfig(r=4, r_in=4, target_modules=["up_proj"], value_layer=0)
+    )
+    with pytest.raises(ValueError, match="write the residual stream"):
+        copy_values(up, 1.0)
+    wide = GenerativeAdapter.from_base(model, GeneratorConfig(r=64, r_in=4, value_layer=0))
+    with pytest.raises(ValueError, match="r <= the hidden size"):
+        copy_values(wide, 1.0)

@@ -1,16 +1,23 @@
-"""Queries that start as keys: each target's A fitted so that A x_t = K h̄_t in the frozen LM.
+"""Warm starts: a generator that binds before it is trained (docs/method.md §2).
 
-With keys shifted back (`KeyConfig.shift` = s) a value v_t is written under the key of the
+`fit_queries`: queries that start as keys, each target's A fitted so that A x_t = K h̄_t in the
+frozen LM. `copy_values`: values that are copies, V and B set so that a value read out adds the
+read token's output embedding to the residual stream. Together, on a ridge memory with keys
+shifted one token back and values from the token embeddings (`value_layer: 0`), a question
+ending in a context's words raises the logit of the token that followed them there: recall with
+no training (experiments/recall/analytic_copy.py), a start that training only refines.
+
+Queries. With keys shifted back (`KeyConfig.shift` = s) a value v_t is written under the key of the
 tokens before it, K h̄_{t-s}. A question that ends in those same tokens ("You will find Ruper
 Duleth in") finds that value if its query is the key those tokens would write, and a least-
-squares memory then reads that key's value nearly alone (docs/method.md §5). No match is left
+squares memory then reads that key's value nearly alone (docs/method.md §4). No match is left
 to learn, which is what training from random A, K never found on recall in 150 steps.
 
 A reads the target's input x, keys read the layer's normalised input h: A = K R, R the ridge
 regression of h̄_t (the key window at shift 0) on x_t over calibration text. The fit is exact
-when the target reads a norm of h (an attention's q/k/v projection), close for an MLP's input
-projections (the residual after attention), poor for o_proj / down_proj inputs; `fit_queries`
-returns each target's R² so a user sees which.
+when the target reads a norm of h (an attention's q/k/v projection; R² 1), close for an MLP's
+(up_proj R² 0.99, down_proj 0.85-0.93 in SmolLM2), poor for o_proj (0.5); `fit_queries` returns
+each target's R² so a user sees which.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ import torch
 from torch import Tensor
 
 from .chunking import cut, pad
-from .generator import window_mean
+from .generator import rms_normalize, window_mean
 
-RIDGE = 1e-4  # of the regression, relative to tr(X^T X) / in_features
+RIDGE = 1e-4  # of the regressions, relative to tr(X^T X) / in_features
 
 
 def regression(X: Tensor, Y: Tensor, lam: float = RIDGE) -> tuple[Tensor, float]:
@@ -79,3 +86,35 @@ def fit_queries(ga, texts: list[str], max_chunks: int = 64, batch: int = 16) -> 
         R, fits[target.name] = regression(torch.cat(xs[target.name]), torch.cat(ys[target.layer]))
         block.A.copy_((block.K.double() @ R.to(block.K.device)).to(block.A.dtype))
     return fits
+
+
+@torch.no_grad()
+def copy_values(ga, beta: float) -> None:
+    """Set every target's V and B so that a value V rms(e) read out adds beta u to the target's
+    output, e and u a token's input and output embeddings: V the top r principal axes of the
+    normalised embeddings (all of them at r = d), B = beta M V^T / scaling, M the regression of u
+    on rms(e) over the vocabulary (for a tied LM head, a multiple of the identity).
+
+    Needs values from the token embeddings (`value_layer: 0`) and targets that write into the
+    residual stream (out_features = hidden size: o_proj, down_proj). beta is the size of the copy
+    in units of |u| for a read-out that is exactly one value; `normalization: none` keeps it."""
+    gen = ga.generator
+    if gen.config.value_layer != 0:
+        raise ValueError("copy_values needs values from the token embeddings (value_layer: 0)")
+    d = gen.hidden_size
+    wrong = [t.name for t in gen.targets if t.out_features != d]
+    if wrong:
+        raise ValueError(f"copy_values needs targets that write the residual stream; not {wrong}")
+    model = ga.base_model
+    E = rms_normalize(model.get_input_embeddings().weight.detach().double())
+    head = model.get_output_embeddings()
+    U = E if head is None else head.weight.detach().double()
+    M = regression(E, U)[0]  # (d, d): rms(e) -> u
+    r = gen.config.r
+    if r > d:
+        raise ValueError(f"copy_values needs r <= the hidden size {d}, got r = {r}")
+    V = torch.linalg.svd(E - E.mean(0), full_matrices=False).Vh[:r] if r < d else torch.eye(d)
+    for target in gen.targets:
+        block = gen[target.name]
+        block.V.copy_(V.to(block.V))
+        block.B.copy_((beta * M @ V.T.to(M) / gen.config.scaling).to(block.B))

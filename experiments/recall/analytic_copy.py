@@ -1,0 +1,107 @@
+"""A recall generator built, not trained: how much recall does the mechanism give by itself?
+
+One target, down_proj of one top layer (its output is the residual stream that SmolLM2's tied LM
+head reads), ridge memory, no gate, keys shifted one token back:
+
+    K random, r = r_in = d = 576
+    V, B             (warm_start.copy_values: a value read out adds beta times the token's output
+                      embedding to the residual stream)
+    A = K R          (warm_start.fit_queries: the question's query is the key its tokens write)
+
+so dW x = beta sum_t w_t u_t, w_t = k_t^T (H + lam_bar I)^-1 A x: the embedding of what
+followed the context's tokens that match the question's last one. Choice accuracy (8 options, all
+values of the same context) on validation recall at several K, for a few beta and layers, beside
+the base LM; no parameter is trained.
+
+    python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29 27] [--beta 1 4 16]
+Writes results/analytic_copy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
+from genadapter.config import GeneratorConfig, KeyConfig  # noqa: E402
+from genadapter.data.corpus import wiki_documents  # noqa: E402
+from genadapter.data.episodes import read_episodes  # noqa: E402
+from genadapter.eval.harness import evaluate_episode  # noqa: E402
+from genadapter.eval.methods import make_method  # noqa: E402
+from genadapter.model import GenerativeAdapter  # noqa: E402
+from genadapter.warm_start import copy_values, fit_queries  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = Path(__file__).parent / "results" / "analytic_copy.json"
+
+
+def copy_generator(model, tokenizer, layer: int, lam: float, beta: float) -> GenerativeAdapter:
+    """The generator of the module docstring at `layer` (K random, r = r_in = d)."""
+    d = model.config.hidden_size
+    config = GeneratorConfig(
+        r=d, r_in=d, layers=[layer], target_modules=["down_proj"], memory="ridge",
+        ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=64,
+        keys=KeyConfig(shift=1),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ga = GenerativeAdapter.from_base(model, config, tokenizer=tokenizer).eval()
+    copy_values(ga, beta)
+    fit_queries(ga, wiki_documents("train")[:64])
+    return ga
+
+
+def choice(method, episodes, questions: int) -> float:
+    found = [
+        it["choice"]
+        for e in episodes
+        for it in evaluate_episode(method, e, "qa", questions)["items"]
+        if "choice" in it
+    ]
+    return sum(found) / len(found)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64])
+    p.add_argument("--layers", type=int, nargs="+", default=[29, 27])
+    p.add_argument("--beta", type=float, nargs="+", default=[1.0, 4.0, 16.0])
+    p.add_argument("--lam", type=float, default=0.01)
+    p.add_argument("--episodes", type=int, default=8)
+    p.add_argument("--questions", type=int, default=4)
+    args = p.parse_args()
+    model, tokenizer = load_base_model(DEFAULT_MODEL)
+    data = {
+        k: read_episodes(ROOT / "data" / "benchmarks" / "recall" / f"validation-k{k}.jsonl")[0][
+            : args.episodes
+        ]
+        for k in args.k
+    }
+    results = {
+        "base": {
+            k: choice(make_method("base", model, tokenizer), e, args.questions)
+            for k, e in data.items()
+        }
+    }
+    print("base", results["base"])
+    for layer in args.layers:
+        for beta in tqdm(args.beta, desc=f"layer {layer}"):
+            ga = copy_generator(model, tokenizer, layer, args.lam, beta)
+            method = make_method("genadapter", model, tokenizer, ga=ga)
+            name = f"layer {layer}, beta {beta:g}"
+            results[name] = {k: choice(method, e, args.questions) for k, e in data.items()}
+            print(name, results[name])
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({"args": vars(args), "choice": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
