@@ -8,6 +8,7 @@ from conftest import tiny_model
 
 from genadapter import GenerativeAdapter, GeneratorConfig
 from genadapter.generator import rms_normalize
+from genadapter.training.module import GeneratorPretraining
 from genadapter.warm_start import copy_values, fit_queries, regression, target_inputs
 
 TEXTS = [
@@ -93,3 +94,24 @@ def test_copy_values_refuses_what_cannot_copy():
     wide = GenerativeAdapter.from_base(model, GeneratorConfig(r=64, r_in=4, value_layer=0))
     with pytest.raises(ValueError, match="r <= the hidden size"):
         copy_values(wide, 1.0)
+
+
+def test_training_starts_warm_and_learns_only_what_it_is_told(tiny_dir):
+    generator = {
+        "r": 4, "r_in": 8, "chunk_len": 16, "target_modules": ["down_proj"], "value_layer": 0,
+        "keys": {"gate": True, "shift": 1},
+    }  # fmt: skip
+    kw = dict(base_model=str(tiny_dir), generator=generator, query_init_docs=4)
+    cold = GeneratorPretraining(**kw)
+    warm = GeneratorPretraining(**kw, copy_init_beta=2.0, trainable=["G", "B"], decay_steps=10)
+    for name in warm.ga.generator.names:
+        a, b = cold.ga.generator[name], warm.ga.generator[name]
+        torch.testing.assert_close(a.A, b.A)  # same seed, same fit: V and B do not enter it
+        assert a.B.abs().sum() == 0 and b.B.abs().sum() > 0  # the copy is on
+    learning = {n for n, p in warm.ga.generator.named_parameters() if p.requires_grad}
+    assert learning and {n.rsplit(".", 1)[-1] for n in learning} == {"G", "B"}
+    optimiser = warm.configure_optimizers()["optimizer"]
+    optimised = {id(p) for g in optimiser.param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in warm.ga.generator.parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="trainable must name parameters"):
+        GeneratorPretraining(**kw, trainable=["Q"])

@@ -5,11 +5,14 @@ keys' covariance). If a query is the same feature map as a key (q = K h at the q
 token, k_t = K h̄_t with the key window shifted back one token, so a value is stored under the
 tokens before it: "... will find Ruper Duleth in | Odense"), nothing is left to learn in the
 match. This probe measures, per layer and with no fitted parameter, how often the asked pair's
-value token gets the largest |w_t| among the K values the context gives (chance 1/K), and among
-every context token; for the raw features (d = 576), random projections K to r_in = 32 / 128, and
-a plain dot product (the linear memory's weight k_t . q) as the reference.
+value token gets the largest |w_t| among the K values the context gives (chance 1/K) and among
+every context token, and how often the read-out of the tokens' embeddings (the values of
+`GeneratorConfig.value_layer: 0`) points at the asked value's embedding first; for the raw
+features (d = 576), random projections K to r_in = 32 / 128, and a plain dot product (the linear
+memory's weight k_t . q) as the reference. `--query mid` takes the question's query from the
+residual after the layer's attention (what an MLP's input projections read) instead.
 
-    python experiments/diagnostics/recall_match.py [--k 16] [--episodes 16] [--window 1 4]
+    python experiments/diagnostics/recall_match.py [--k 16] [--episodes 16] [--window 1 4] [--query mid]   # ~2 min
 Writes results/recall_match.{json,png}.
 """
 
@@ -28,6 +31,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -38,7 +42,11 @@ from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.generator import window_mean  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
-from genadapter.training.instruct_data import collate_episodes, encode_episode  # noqa: E402
+from genadapter.training.instruct_data import (  # noqa: E402
+    answer_positions,
+    collate_episodes,
+    encode_episode,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results" / "recall_match.json"
@@ -70,8 +78,9 @@ def mid(ga: GenerativeAdapter, ids: Tensor, mask: Tensor) -> dict[int, Tensor]:
 
 
 def episode_features(ga, fmt: PromptFormat, episode, window: int, query: str = "input"):
-    """Per layer: (h̄ of every context token (N, d), h at each question's last token (Q, d)), and
-    each question's gold value tokens (Q, N) and the value tokens of every pair (N,)."""
+    """Per layer: (h̄ of every context token (N, d), h at each question's last token (Q, d));
+    each question's gold value's first token (Q, N), the first tokens of every value the context
+    gives (N,), and the token embeddings' features (N, d)."""
     c = ga.generator.config
     enc = encode_episode(episode, fmt, c.chunk_len)
     batch = collate_episodes([enc], [0], c.chunk_len, fmt.tokenizer.pad_token_id or 0)
@@ -86,7 +95,14 @@ def episode_features(ga, fmt: PromptFormat, episode, window: int, query: str = "
     last = p_mask.sum(1) - 1
     flat = mask.flatten().bool()
     gold = batch["answer_context"].flatten(1)[:, flat]  # (Q, N)
-    first = gold & ~torch.nn.functional.pad(gold, (1, 0))[:, :-1]  # a value's first token
+    first = gold & ~F.pad(gold, (1, 0))[:, :-1]  # a value's first token
+    # every value the context gives (each question's options hold 8 of the K), not only the asked
+    options = sorted({o for qa in episode.qas for o in qa.options or []})
+    where = answer_positions(episode.context_texts(), options, fmt.tokenizer, c.chunk_len)
+    values = torch.zeros(mask.numel(), dtype=torch.bool)
+    values[[p for ps in where for p in ps]] = True
+    values = values[flat]
+    values &= ~F.pad(values, (1, 0))[:-1]
     out = {}
     for layer in gen.layers:
         h = gen.features(hidden[layer], mask)[0]
@@ -94,7 +110,20 @@ def episode_features(ga, fmt: PromptFormat, episode, window: int, query: str = "
         q = gen.features(q_hidden[layer], p_mask)[0][torch.arange(len(last)), last]
         out[layer] = (keys.double(), q.double())
     embeddings = gen.features(hidden[0], mask)[0].flatten(0, 1)[flat].double()
-    return out, first, first.any(0), embeddings
+    return out, first, values | first.any(0), embeddings
+
+
+def score(keys: Tensor, q: Tensor, emb: Tensor, gold: Tensor, values: Tensor, memory: str):
+    """One question: does the asked value's token weigh most among the values (`match`) and
+    among every token (`every_token`), and does the read-out of the tokens' embeddings,
+    sum_t w_t e_t, point at the asked value's embedding before the others' (`copy`)?"""
+    w = weights(keys, q, memory)
+    copy = emb[values] @ (w @ emb)
+    return {
+        "match": bool(gold[w.abs().masked_fill(~values, -1).argmax()]),
+        "every_token": bool(gold[w.abs().argmax()]),
+        "copy": bool(gold[values][copy.argmax()]),
+    }
 
 
 def main() -> int:
@@ -115,58 +144,48 @@ def main() -> int:
     proj = {r: torch.randn(r, d, dtype=torch.float64) / d**0.5 for r in (32, 128)}
     path = ROOT / "data" / "benchmarks" / "recall" / f"{args.split}-k{args.k}.jsonl"
     episodes = read_episodes(path)[0][: args.episodes]
-    cases = [(m, r) for m in ("linear", "ridge") for r in (None, 128, 32)]
-    counts: dict[str, list] = {}
+    cases = [(m, r) for m in ("linear", "ridge") for r in (d, 128, 32)]
+    tallies: dict[str, list[dict]] = {}
     for window in args.window:
         for episode in tqdm(episodes, desc=f"window {window}"):
             feats, first, values, emb = episode_features(ga, fmt, episode, window, args.query)
             for layer, (keys, q) in feats.items():
                 for memory, r in cases:
-                    k_, q_ = (keys, q) if r is None else (keys @ proj[r].T, q @ proj[r].T)
-                    for row in range(len(q_)):
-                        if not first[row].any():
-                            continue
-                        signed = weights(k_, q_[row], memory)
-                        w = signed.abs()
-                        # the value a token writes is its embedding: which value does the
-                        # read-out sum_t w_t e_t point at?
-                        copy = emb[values] @ (signed @ emb)
-                        tally_copy = counts.setdefault(
-                            f"copy/{window}/{memory}/{r or d}/{layer}", [0, 0, 0]
-                        )
-                        tally_copy[0] += int(first[row, values][copy.argmax()])
-                        tally_copy[2] += 1
-                        among = w.masked_fill(~values, -1).argmax()
-                        name = f"w{window}/{memory}/{r or d}/{layer}"
-                        tally = counts.setdefault(name, [0, 0, 0])
-                        tally[0] += int(first[row, among])
-                        tally[1] += int(first[row, w.argmax()])
-                        tally[2] += 1
+                    k_, q_ = (keys, q) if r == d else (keys @ proj[r].T, q @ proj[r].T)
+                    for row in (i for i in range(len(q_)) if first[i].any()):
+                        found = score(k_, q_[row], emb, first[row], values, memory)
+                        tallies.setdefault(f"w{window}/{memory}/{r}/{layer}", []).append(found)
     results = {
-        name: {"among_values": a / n, "every_token": e / n, "questions": n}
-        for name, (a, e, n) in counts.items()
+        name: {m: sum(f[m] for f in found) / len(found) for m in found[0]} | {"n": len(found)}
+        for name, found in tallies.items()
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"k": args.k, "results": results}, indent=1) + "\n")
-    fig, axes = plt.subplots(1, len(args.window), figsize=(6 * len(args.window), 4), squeeze=False)
-    for ax, window in zip(axes[0], args.window, strict=True):
-        for memory, r in cases:
-            pts = sorted(
-                (int(n.split("/")[-1]), v["among_values"])
-                for n, v in results.items()
-                if n.startswith(f"w{window}/{memory}/{r or d}/")
-            )
-            ax.plot(*zip(*pts, strict=True), label=f"{memory}, dim {r or d}")
-        ax.axhline(1 / args.k, color="gray", ls=":", label="chance")
-        ax.set(title=f"key window {window}, shift 1, K = {args.k}", xlabel="layer")
-        ax.set(ylabel="asked value has the largest weight")
-        ax.legend(fontsize=7)
+    meta = {"k": args.k, "query": args.query, "split": args.split}
+    OUT.write_text(json.dumps(meta | {"results": results}, indent=1) + "\n")
+    fig, axes = plt.subplots(2, len(args.window), figsize=(6 * len(args.window), 7), squeeze=False)
+    for col, window in enumerate(args.window):
+        for row, (metric, what) in enumerate(
+            [("match", "asked value weighs most"), ("copy", "read-out copies the asked value")]
+        ):
+            ax = axes[row, col]
+            for memory, r in cases:
+                pts = sorted(
+                    (int(n.split("/")[-1]), v[metric])
+                    for n, v in results.items()
+                    if n.startswith(f"w{window}/{memory}/{r}/")
+                )
+                ax.plot(*zip(*pts, strict=True), label=f"{memory}, dim {r}")
+            ax.axhline(1 / args.k, color="gray", ls=":", label="chance")
+            ax.set(title=f"key window {window}, shift 1, K = {args.k}", xlabel="layer")
+            ax.set(ylabel=f"{what} (among the K values)")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT.with_suffix(".png"), dpi=120)
     for name, v in results.items():
         if name.endswith(("/2", "/6", "/10", "/14", "/18", "/22", "/26", "/29")):
             print(
-                f"{name:28s} among values {v['among_values']:.2f}  every token {v['every_token']:.2f}"
+                f"{name:22s} "
+                + "  ".join(f"{m} {v[m]:.2f}" for m in ("match", "every_token", "copy"))
             )
     return 0
 

@@ -1,7 +1,8 @@
 """A recall generator built, not trained: how much recall does the mechanism give by itself?
 
 One target, down_proj of one top layer (its output is the residual stream that SmolLM2's tied LM
-head reads), ridge memory, no gate, keys shifted one token back:
+head reads), ridge memory (`--memory linear`: the linear one, read as S / n), no gate, keys shifted one
+token back:
 
     K random, r = r_in = d = 576
     V, B             (warm_start.copy_values: a value read out adds beta times the token's output
@@ -13,8 +14,9 @@ followed the context's tokens that match the question's last one. Choice accurac
 values of the same context) on validation recall at several K, for a few beta and layers, beside
 the base LM; no parameter is trained.
 
-    python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29 27] [--beta 1 4 16]
-Writes results/analytic_copy.json.
+    python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29] [--beta 60 120 360]
+        [--memory ridge linear] [--split validation] [--save DIR]
+Writes results/analytic_copy.json (--out).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results" / "analytic_copy.json"
 
 
-def copy_generator(model, tokenizer, layer: int, lam: float, beta: float) -> GenerativeAdapter:
+def copy_generator(
+    model, tokenizer, layer: int, lam: float, beta: float, memory: str = "ridge"
+) -> GenerativeAdapter:
     """The generator of the module docstring at `layer` (K random, r = r_in = d)."""
     d = model.config.hidden_size
     config = GeneratorConfig(
-        r=d, r_in=d, layers=[layer], target_modules=["down_proj"], memory="ridge",
+        r=d, r_in=d, layers=[layer], target_modules=["down_proj"], memory=memory,
         ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=64,
         keys=KeyConfig(shift=1),
     )  # fmt: skip
@@ -71,15 +75,21 @@ def choice(method, episodes, questions: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--layers", type=int, nargs="+", default=[29, 27])
-    p.add_argument("--beta", type=float, nargs="+", default=[1.0, 4.0, 16.0])
+    p.add_argument("--layers", type=int, nargs="+", default=[29])
+    p.add_argument("--beta", type=float, nargs="+", default=[60.0, 120.0, 360.0])
     p.add_argument("--lam", type=float, default=0.01)
+    p.add_argument("--memory", nargs="+", default=["ridge"], choices=["ridge", "linear"])
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--questions", type=int, default=4)
+    p.add_argument("--split", default="validation", choices=["validation", "test"])
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--save", help="save the generator here (one memory, layer and beta)")
     args = p.parse_args()
+    if args.save and len(args.memory) * len(args.layers) * len(args.beta) != 1:
+        p.error("--save takes one --memory, --layers and --beta")
     model, tokenizer = load_base_model(DEFAULT_MODEL)
     data = {
-        k: read_episodes(ROOT / "data" / "benchmarks" / "recall" / f"validation-k{k}.jsonl")[0][
+        k: read_episodes(ROOT / "data" / "benchmarks" / "recall" / f"{args.split}-k{k}.jsonl")[0][
             : args.episodes
         ]
         for k in args.k
@@ -91,15 +101,22 @@ def main() -> int:
         }
     }
     print("base", results["base"])
-    for layer in args.layers:
-        for beta in tqdm(args.beta, desc=f"layer {layer}"):
-            ga = copy_generator(model, tokenizer, layer, args.lam, beta)
+    for memory, layer in ((m, la) for m in args.memory for la in args.layers):
+        for beta in tqdm(args.beta, desc=f"{memory}, layer {layer}"):
+            ga = copy_generator(model, tokenizer, layer, args.lam, beta, memory)
             method = make_method("genadapter", model, tokenizer, ga=ga)
-            name = f"layer {layer}, beta {beta:g}"
+            name = f"{memory}, layer {layer}, beta {beta:g}"
             results[name] = {k: choice(method, e, args.questions) for k, e in data.items()}
             print(name, results[name])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"args": vars(args), "choice": results}, indent=1) + "\n")
+            if args.save:
+                ga.save_pretrained(args.save)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "choice": results}, indent=1
+        )
+        + "\n"
+    )
     return 0
 
 

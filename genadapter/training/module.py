@@ -66,6 +66,7 @@ class GeneratorPretraining(L.LightningModule):
         export_dir: str | None = None,
         query_init_docs: int = 0,
         copy_init_beta: float = 0.0,
+        trainable: list[str] | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -101,11 +102,23 @@ class GeneratorPretraining(L.LightningModule):
             rank_zero_info(
                 f"queries fitted to keys, R² {min(fits.values()):.3f}-{max(fits.values()):.3f}"
             )
+        if trainable is not None:  # e.g. [G, B]: a warm start's match and values kept fixed
+            self._freeze_all_but(trainable)
         self.tokenizer_name = base_model
         self._checkpoint_layers()
         self._val_sums: dict[str, torch.Tensor] = {}
         self._references: dict[str, dict[str, torch.Tensor]] = {}  # see REFERENCE_KEYS
         self._batch_hashes: list[str] = []  # what this rank trained on, for the audit file
+
+    def _freeze_all_but(self, trainable: list[str]) -> None:
+        """Only the generator parameters named in `trainable` (A, K, V, B, G, log_lambda, in
+        every target) learn."""
+        names = {n.rsplit(".", 1)[-1] for n, _ in self.ga.generator.named_parameters()}
+        unknown = sorted(set(trainable) - names)
+        if unknown or not trainable:
+            raise ValueError(f"trainable must name parameters of {sorted(names)}, got {trainable}")
+        for name, p in self.ga.generator.named_parameters():
+            p.requires_grad_(name.rsplit(".", 1)[-1] in trainable)
 
     def train(self, mode: bool = True) -> GeneratorPretraining:
         super().train(mode)  # the frozen LM stays in eval mode (GenerativeAdapter.train)
@@ -268,7 +281,7 @@ class GeneratorPretraining(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         opt = torch.optim.AdamW(
-            self.ga.generator.parameters(),
+            [p for p in self.ga.generator.parameters() if p.requires_grad],
             lr=h.lr,
             weight_decay=h.weight_decay,
             betas=tuple(h.betas),
