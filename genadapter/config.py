@@ -128,6 +128,9 @@ class GeneratorConfig:
     # values v_t = V h_t from this layer's features instead of the target's own (0 = the token
     # embeddings: with a tied LM head, a value read out at a top layer says which token to copy)
     value_layer: int | None = None
+    # keys K h̄_t from this layer's features instead of the target's own (the gate still reads
+    # the target's layer): a match made where the features bind best, read out in another layer
+    key_layer: int | None = None
     dtype: str = "float32"
     init_std: float | None = None  # std of A, K, V; None = 1/sqrt(fan_in)
     base_model: str | None = None  # hub id or path of the frozen LM, recorded by from_base
@@ -142,8 +145,9 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.keys must be a KeyConfig, got {self.keys!r}")
         if self.memory not in MEMORIES:
             raise ValueError(f"memory must be one of {MEMORIES}, got {self.memory!r}")
-        if self.value_layer is not None:
-            _check_int("GeneratorConfig", "value_layer", self.value_layer, 0)
+        for name in ("value_layer", "key_layer"):
+            if getattr(self, name) is not None:
+                _check_int("GeneratorConfig", name, getattr(self, name), 0)
         if not float(self.ridge_lambda) > 0.0:
             raise ValueError(f"ridge_lambda must be > 0, got {self.ridge_lambda}")
         if self.normalization not in NORMALIZATIONS:

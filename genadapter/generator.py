@@ -3,7 +3,7 @@
 For a target module with frozen weight W (out x in) in decoder layer l (docs/method.md):
 
     h_t = rms(hidden_t)                 the input of layer l, RMS-normalised (features)
-    h̄_t = mean of h over t's key window  (KeyConfig.window back, .lookahead ahead, moved .shift
+    h̄_t = mean of h over t's key window (h of GeneratorConfig.key_layer if set)  (KeyConfig.window back, .lookahead ahead, moved .shift
                                          back; inside t's chunk)
     k_t = g_t K h̄_t,  g_t = 2 sigmoid(G . h_t) (1 without a gate)          (keys)
     v_t = V h_t   (h of GeneratorConfig.value_layer if set: 0 = token embeddings) (values)
@@ -159,8 +159,10 @@ class Generator(nn.Module):
             {module_key(t.name): ModuleGenerator(t, hidden_size, config, dtype) for t in targets}
         )
         self.layers = sorted({t.layer for t in targets})
-        # the layers whose features a read needs: the targets' own, and the values' layer
-        self.feature_layers = sorted({*self.layers, *_given(config.value_layer)})
+        # the layers whose features a read needs: the targets' own, the values' and the keys'
+        self.feature_layers = sorted(
+            {*self.layers, *_given(config.value_layer), *_given(config.key_layer)}
+        )
         self._fingerprint_cache: tuple[tuple, str] | None = None
 
     def __getitem__(self, name: str) -> ModuleGenerator:
@@ -197,15 +199,17 @@ class Generator(nn.Module):
         mask = mask.to(self.dtype)
         weight = mask if weight is None else mask * weight.to(self.dtype)
         S, keys, gates = {}, {}, {}
-        value_layer = self.config.value_layer
+        c = self.config
         shared_values = (
-            None
-            if value_layer is None
-            else rms_normalize(hidden_states[value_layer].to(self.dtype))
+            None if c.value_layer is None else self.features(hidden_states[c.value_layer], mask)[0]
+        )
+        shared_keys = (
+            None if c.key_layer is None else self.features(hidden_states[c.key_layer], mask)[1]
         )
         for layer in self.layers:
             h, h_key = self.features(hidden_states[layer], mask)
             values = h if shared_values is None else shared_values
+            h_key = h_key if shared_keys is None else shared_keys
             for t in (t for t in self.targets if t.layer == layer):
                 block = self[t.name]
                 raw = block.unit_keys(h_key)
@@ -251,6 +255,7 @@ class Generator(nn.Module):
             window += ("unit keys",) if c.keys.normalize else ()
             window += ("ridge",) if c.memory == "ridge" else ()
             window += ("values from", c.value_layer) if c.value_layer is not None else ()
+            window += ("keys from", c.key_layer) if c.key_layer is not None else ()
             h.update(repr(shape + window).encode())
             for p in params:
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

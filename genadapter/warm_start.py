@@ -83,7 +83,8 @@ def fit_queries(ga, texts: list[str], max_chunks: int = 64, batch: int = 16) -> 
     fits = {}
     for target in gen.targets:
         block = gen[target.name]
-        R, fits[target.name] = regression(torch.cat(xs[target.name]), torch.cat(ys[target.layer]))
+        key_layer = target.layer if c.key_layer is None else c.key_layer
+        R, fits[target.name] = regression(torch.cat(xs[target.name]), torch.cat(ys[key_layer]))
         block.A.copy_((block.K.double() @ R.to(block.K.device)).to(block.A.dtype))
     return fits
 

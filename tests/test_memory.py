@@ -67,19 +67,20 @@ def make(memory: str, **cfg) -> GenerativeAdapter:
     return ga
 
 
-@pytest.mark.parametrize("value_layer", [None, 0, 2])
-def test_read_state_solves_to_float64_least_squares_of_the_tokens(value_layer):
+@pytest.mark.parametrize("value_layer,key_layer", [(None, None), (0, None), (2, None), (0, 1)])
+def test_read_state_solves_to_float64_least_squares_of_the_tokens(value_layer, key_layer):
     """The whole path: a document read in chunks, S* of each target against lstsq over the
     float64 keys K h_t and values V h_t recomputed from the frozen LM's hidden states (h of
-    the target's own layer, or of `value_layer` for the values)."""
-    ga = make("ridge", ridge_lambda=0.05, value_layer=value_layer)
+    the target's own layer, or of `value_layer` / `key_layer` for the values / keys)."""
+    ga = make("ridge", ridge_lambda=0.05, value_layer=value_layer, key_layer=key_layer)
     doc = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     state = ga.read(doc)
     with torch.no_grad():
         hidden = [ga.context_features(c, torch.ones_like(c)) for c in doc.split(8, dim=1)]
         for t in ga.generator.targets:
             block = ga.generator[t.name]
-            h = torch.cat([rms_normalize(x[t.layer][0].double()) for x in hidden])
+            at = t.layer if key_layer is None else key_layer
+            h = torch.cat([rms_normalize(x[at][0].double()) for x in hidden])
             at = t.layer if value_layer is None else value_layer
             hv = torch.cat([rms_normalize(x[at][0].double()) for x in hidden])
             want = ridge_lstsq(h @ block.K.double().T, hv @ block.V.double().T, 0.05)
@@ -92,7 +93,7 @@ def test_read_state_solves_to_float64_least_squares_of_the_tokens(value_layer):
         torch.testing.assert_close(block.read_out(faded), block.read_out(s), rtol=1e-4, atol=1e-6)
 
 
-def test_values_from_another_layer_mean_another_state():
+def test_values_or_keys_from_another_layer_mean_another_state():
     torch.manual_seed(0)
     base = tiny_model("llama")
     own = GenerativeAdapter.from_base(base, GeneratorConfig(r=4, r_in=6, layers=[2]))
@@ -101,6 +102,12 @@ def test_values_from_another_layer_mean_another_state():
     embedded = GenerativeAdapter.from_base(base, cfg)
     assert embedded.generator.feature_layers == [0, 2]
     assert embedded.generator.fingerprint() != own.generator.fingerprint()
+    torch.manual_seed(0)
+    keyed = GenerativeAdapter.from_base(base, cfg.replace(key_layer=1))
+    assert keyed.generator.feature_layers == [0, 1, 2]
+    assert keyed.generator.fingerprint() != embedded.generator.fingerprint()
+    with pytest.raises(ValueError, match="key_layer 5 out of range"):
+        GenerativeAdapter.from_base(base, cfg.replace(key_layer=5))
     with pytest.raises(ValueError, match="value_layer 3 out of range"):
         GenerativeAdapter.from_base(base, cfg.replace(value_layer=3))
     with pytest.raises(ValueError, match="value_layer must be an int >= 0"):

@@ -15,7 +15,7 @@ values of the same context) on validation recall at several K, for a few beta an
 the base LM; no parameter is trained.
 
     python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29] [--beta 60 120 360]
-        [--memory ridge linear] [--split validation] [--save DIR]
+        [--memory ridge linear] [--key-layer L] [--split validation] [--save DIR]
 Writes results/analytic_copy.json (--out).
 """
 
@@ -46,14 +46,20 @@ OUT = Path(__file__).parent / "results" / "analytic_copy.json"
 
 
 def copy_generator(
-    model, tokenizer, layer: int, lam: float, beta: float, memory: str = "ridge"
+    model,
+    tokenizer,
+    layer: int,
+    lam: float,
+    beta: float,
+    memory: str = "ridge",
+    key_layer: int | None = None,
 ) -> GenerativeAdapter:
     """The generator of the module docstring at `layer` (K random, r = r_in = d)."""
     d = model.config.hidden_size
     config = GeneratorConfig(
         r=d, r_in=d, layers=[layer], target_modules=["down_proj"], memory=memory,
         ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=64,
-        keys=KeyConfig(shift=1),
+        keys=KeyConfig(shift=1), key_layer=key_layer,
     )  # fmt: skip
     torch.manual_seed(0)
     ga = GenerativeAdapter.from_base(model, config, tokenizer=tokenizer).eval()
@@ -78,6 +84,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, nargs="+", default=[29])
     p.add_argument("--beta", type=float, nargs="+", default=[60.0, 120.0, 360.0])
     p.add_argument("--lam", type=float, default=0.01)
+    p.add_argument("--key-layer", type=int, default=None, help="keys from this layer's features")
     p.add_argument("--memory", nargs="+", default=["ridge"], choices=["ridge", "linear"])
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--questions", type=int, default=4)
@@ -103,7 +110,7 @@ def main() -> int:
     print("base", results["base"])
     for memory, layer in ((m, la) for m in args.memory for la in args.layers):
         for beta in tqdm(args.beta, desc=f"{memory}, layer {layer}"):
-            ga = copy_generator(model, tokenizer, layer, args.lam, beta, memory)
+            ga = copy_generator(model, tokenizer, layer, args.lam, beta, memory, args.key_layer)
             method = make_method("genadapter", model, tokenizer, ga=ga)
             name = f"{memory}, layer {layer}, beta {beta:g}"
             results[name] = {k: choice(method, e, args.questions) for k, e in data.items()}
