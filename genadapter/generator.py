@@ -3,10 +3,12 @@
 For a target module with frozen weight W (out x in) in decoder layer l (docs/method.md):
 
     h_t = rms(hidden_t)                 the input of layer l, RMS-normalised (features)
-    h̄_t = mean of h over t's key window (h of GeneratorConfig.key_layer if set)  (KeyConfig.window back, .lookahead ahead, moved .shift
-                                         back; inside t's chunk)
+    h̄_t = mean of h over t's key window  (KeyConfig.window back, .lookahead ahead, moved .shift
+                                         back; inside t's chunk; h of GeneratorConfig.key_layer
+                                         if set)
     k_t = g_t K h̄_t,  g_t = 2 sigmoid(G . h_t) (1 without a gate)          (keys)
-    v_t = V h_t   (h of GeneratorConfig.value_layer if set: 0 = token embeddings) (values)
+    v_t = V h_t                         (values; h of GeneratorConfig.value_layer if set,
+                                         0 = the token embeddings)
     S   = sum_t k_t v_t^T               the state, r_in x r                (Writes.S)
           ("ridge" memory: [G | H], H = sum_t k_t k_t^T, read out as M = (H + lam_bar I)^-1 G)
     dW  = (alpha / r) B N(M)^T A        a LoRA: lora_A = N(M)^T A, lora_B = B   (Generator.lora)
@@ -127,8 +129,9 @@ class ModuleGenerator(nn.Module):
 
     def statistics(self, h: Tensor, raw: Tensor, keys: Tensor) -> Tensor:
         """The state (memory.write) of values V h_t (h: the value layer's features) under
-        `keys` = w_t K h̄_t, w_t the gate and weight of each token and `raw` = K h̄_t: sum_t k_t (V h_t)^T (b, r_in, r), and for a
-        ridge memory H = sum_t w_t K h̄_t (K h̄_t)^T beside it."""
+        `keys` = w_t K h̄_t, w_t the gate and weight of each token and `raw` = K h̄_t:
+        sum_t k_t (V h_t)^T (b, r_in, r), and for a ridge memory H = sum_t w_t K h̄_t (K h̄_t)^T
+        beside it."""
         return memory.write(keys, h @ self.V.T, raw, self.memory)
 
     def read_out(self, S: Tensor) -> Tensor:

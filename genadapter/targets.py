@@ -36,11 +36,9 @@ def find_targets(model: nn.Module, config: GeneratorConfig) -> list[Target]:
     suffixes = config.resolve_targets(model.config.model_type)
     layers_name, n_layers = decoder_layers(model)
     wanted_layers = set(config.resolve_layers(n_layers))
-    for name in ("value_layer", "key_layer"):
-        if getattr(config, name) is not None and getattr(config, name) >= n_layers:
-            raise ValueError(
-                f"{name} {getattr(config, name)} out of range for a model with {n_layers} layers"
-            )
+    for name, layer in (("value_layer", config.value_layer), ("key_layer", config.key_layer)):
+        if layer is not None and layer >= n_layers:
+            raise ValueError(f"{name} {layer} out of range for a model with {n_layers} layers")
     pattern = re.compile(rf"^{re.escape(layers_name)}\.(\d+)\.")
     all_names = [name for name, _ in model.named_modules() if name]
     targets, matched = [], set()

@@ -41,19 +41,25 @@ def regression(X: Tensor, Y: Tensor, lam: float = RIDGE) -> tuple[Tensor, float]
     return R, float(1 - residual / (Y - Y.mean(0)).pow(2).sum())
 
 
-def target_inputs(ga, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """{target: its input x (b, t, in)} in the frozen LM reading these rows."""
+def target_inputs(ga, ids: Tensor, mask: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+    """{target: its input x (b, t, in)} in the frozen LM reading these rows, and its hidden
+    states (HF `hidden_states[l]`: the input of layer l, what `context_features` returns), from
+    one forward."""
     modules = dict(ga.base_model.named_modules())
     out, handles = {}, []
     for name in ga.generator.names:
         hook = lambda module, args, name=name: out.__setitem__(name, args[0])  # noqa: E731
         handles.append(modules[name].register_forward_pre_hook(hook))
     try:
-        ga.base_model(input_ids=ids.to(ga.device), attention_mask=mask.to(ga.device))
+        hidden = ga.base_model(
+            input_ids=ids.to(ga.device),
+            attention_mask=mask.to(ga.device),
+            output_hidden_states=True,
+        ).hidden_states
     finally:
         for h in handles:
             h.remove()
-    return out
+    return out, hidden
 
 
 @torch.no_grad()
@@ -70,16 +76,18 @@ def fit_queries(ga, texts: list[str], max_chunks: int = 64, batch: int = 16) -> 
         raise ValueError("fit_queries needs calibration text longer than the key window")
     xs: dict[str, list] = {}
     ys: dict[int, list] = {}
+    keys = c.keys
     for start in range(0, len(chunks), batch):
         ids, mask = pad(chunks[start : start + batch], pad_id=tok.pad_token_id or 0)
+        inputs, hidden = target_inputs(ga, ids, mask)
+        mask = mask.to(ga.device)
         real = mask.bool()
-        for name, x in target_inputs(ga, ids, mask).items():
+        for name, x in inputs.items():
             xs.setdefault(name, []).append(x[real].cpu())
-        for layer, hidden in ga.context_features(ids, mask).items():
-            h = gen.features(hidden, mask.to(hidden.device))[0]
-            keys = c.keys
-            h_key = window_mean(h, mask.to(h).to(h.device), keys.window, keys.lookahead, 0)
-            ys.setdefault(layer, []).append(h_key[real.to(h.device)].cpu())
+        for layer in gen.feature_layers:
+            h = gen.features(hidden[layer], mask)[0]
+            h_key = window_mean(h, mask.to(h), keys.window, keys.lookahead, 0)
+            ys.setdefault(layer, []).append(h_key[real].cpu())
     fits = {}
     for target in gen.targets:
         block = gen[target.name]

@@ -46,7 +46,9 @@ def test_queries_of_a_normed_input_become_the_keys_exactly(smollm2_tokenizer):
     assert fits[o] < 0.999  # o_proj reads the attention's output: only a regression
     ids = smollm2_tokenizer("Odense is a city in Denmark, home of Ruper Duleth.").input_ids
     ids, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
-    x = target_inputs(ga, ids, mask)[v][0]
+    inputs, hidden = target_inputs(ga, ids, mask)
+    x = inputs[v][0]
+    torch.testing.assert_close(hidden[1], ga.context_features(ids, mask)[1])  # one forward
     h = ga.generator.features(ga.context_features(ids, mask)[1], mask)[0][0]
     block = ga.generator[v]
     query, key = x @ block.A.T, h @ block.K.T  # Llama's norm runs in float32: 1e-3 of the scale

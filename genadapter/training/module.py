@@ -94,6 +94,8 @@ class GeneratorPretraining(L.LightningModule):
             cfg.base_model = base_model
             torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
+        if trainable is not None:  # e.g. [G, B]: a warm start's match and values kept fixed
+            self._freeze_all_but(trainable)
         # warm starts (genadapter/warm_start.py; a resumed run's checkpoint overrides them)
         if copy_init_beta > 0:  # values read out copy their token
             copy_values(self.ga, copy_init_beta)
@@ -102,8 +104,6 @@ class GeneratorPretraining(L.LightningModule):
             rank_zero_info(
                 f"queries fitted to keys, R² {min(fits.values()):.3f}-{max(fits.values()):.3f}"
             )
-        if trainable is not None:  # e.g. [G, B]: a warm start's match and values kept fixed
-            self._freeze_all_but(trainable)
         self.tokenizer_name = base_model
         self._checkpoint_layers()
         self._val_sums: dict[str, torch.Tensor] = {}
