@@ -8,7 +8,8 @@ from test_eval_methods import CONTEXT, tiny_gpt2, tiny_llama
 
 from genadapter import GenerativeAdapter, GeneratorConfig
 from genadapter.data.episodes import QA, QAEpisode
-from genadapter.eval.batched import generate_rows, score_rows, shared_prefix_length
+from genadapter.eval import batched
+from genadapter.eval.batched import PrefixCache, generate_rows, score_rows, shared_prefix_length
 from genadapter.eval.harness import evaluate_episode
 from genadapter.eval.methods import make_method
 
@@ -19,9 +20,11 @@ QAS = [
 ]
 
 
-def test_score_rows_equals_one_forward_per_row():
-    """Rows sharing a long prefix (run once, its KV cache reused) and rows that do not:
-    log-probs equal a plain float64 forward of each row alone."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_score_rows_equals_one_forward_per_row(monkeypatch, packed):
+    """Rows sharing a long prefix (run once, its KV cache reused) and rows that do not, packed
+    into one sequence or padded: log-probs equal a plain float64 forward of each row alone."""
+    monkeypatch.setattr(batched, "packs_rows", lambda model: packed)
     model = tiny_llama(seed=3).double()
     g = torch.Generator().manual_seed(0)
     shared = torch.randint(0, 500, (40,), generator=g).tolist()
@@ -39,6 +42,26 @@ def test_score_rows_equals_one_forward_per_row():
             torch.testing.assert_close(lp, want, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="n_target"):
         score_rows(model, [([1, 2], 2)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_cache_reuses_grows_and_renews(arch):
+    """A kept prefix serves a call that shares it, grows for a longer one and is made anew for
+    another: scores with one PrefixCache over several calls equal scores without one."""
+    model = (tiny_llama if arch == "llama" else tiny_gpt2)(seed=2).double()
+    g = torch.Generator().manual_seed(4)
+    context = torch.randint(0, 500, (30,), generator=g).tolist()
+    more = context + torch.randint(0, 500, (6,), generator=g).tolist()
+    other = torch.randint(0, 500, (25,), generator=g).tolist()
+    prefixes = PrefixCache()
+    for prefix in (context, context, more, other):
+        rows = [(prefix + torch.randint(0, 500, (n,), generator=g).tolist(), 2) for n in (3, 5)]
+        got = score_rows(model, rows, prefixes=prefixes)
+        assert prefixes.ids == prefix
+        for a, b in zip(got, score_rows(model, rows), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    generate_rows(model, [other + [1], other + [2]], 3, [], 0, prefixes)
+    assert prefixes.cache.get_seq_length() == len(other)  # decoding extended a copy
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

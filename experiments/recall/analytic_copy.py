@@ -14,14 +14,19 @@ followed the context's tokens that match the question's last one. Choice accurac
 values of the same context) on validation recall at several K, for a few beta and layers, beside
 the base LM; no parameter is trained.
 
-    python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29] [--beta 60 120 360]
-        [--memory ridge linear] [--key-layer L] [--split validation] [--save DIR]
+    python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29 26:30] [--beta 60 120]
+        [--memory ridge linear] [--lam 0.01 0.1] [--chunk-len 32 64] [--key-layer L]
+        [--window W] [--split validation] [--save DIR]
+
+Every combination of the listed --memory, --layers, --lam, --chunk-len and --beta is one
+generator; with several layers ("26:30", "4,8,29") each copies beta / (their number).
 Writes results/analytic_copy.json (--out).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
@@ -45,26 +50,35 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results" / "analytic_copy.json"
 
 
+def parse_layers(spec: str) -> list[int] | str:
+    """ "29" -> [29]; "4,8,29" -> [4, 8, 29]; a slice "20:30" is kept as GeneratorConfig reads it."""
+    return spec if ":" in spec else [int(x) for x in spec.split(",")]
+
+
 def copy_generator(
     model,
     tokenizer,
-    layer: int,
-    lam: float,
+    layers: list[int] | str,
     beta: float,
     memory: str = "ridge",
+    lam: float = 0.01,
+    chunk_len: int = 64,
     key_layer: int | None = None,
+    window: int = 1,
 ) -> GenerativeAdapter:
-    """The generator of the module docstring at `layer` (K random, r = r_in = d)."""
+    """The generator of the module docstring at `layers` (K random, r = r_in = d); every layer
+    copies beta / (number of layers), so beta is the size of the summed copy."""
     d = model.config.hidden_size
     config = GeneratorConfig(
-        r=d, r_in=d, layers=[layer], target_modules=["down_proj"], memory=memory,
-        ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=64,
-        keys=KeyConfig(shift=1), key_layer=key_layer,
+        r=d, r_in=d, layers=layers, target_modules=["down_proj"], memory=memory,
+        ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=chunk_len,
+        keys=KeyConfig(shift=1, window=window), key_layer=key_layer,
     )  # fmt: skip
     torch.manual_seed(0)
     ga = GenerativeAdapter.from_base(model, config, tokenizer=tokenizer).eval()
-    copy_values(ga, beta)
-    fit_queries(ga, wiki_documents("train")[:64])
+    copy_values(ga, beta / len(ga.generator.layers))
+    fits = fit_queries(ga, wiki_documents("train")[:64])
+    tqdm.write(f"query R² {min(fits.values()):.3f} (lowest of {len(fits)} targets)")
     return ga
 
 
@@ -81,9 +95,13 @@ def choice(method, episodes, questions: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--layers", type=int, nargs="+", default=[29])
+    p.add_argument(
+        "--layers", nargs="+", default=["29"], help='one generator each: "29", "4,8,29", "20:30"'
+    )
+    p.add_argument("--window", type=int, default=1, help="key window (KeyConfig.window)")
     p.add_argument("--beta", type=float, nargs="+", default=[60.0, 120.0, 360.0])
-    p.add_argument("--lam", type=float, default=0.01)
+    p.add_argument("--lam", type=float, nargs="+", default=[0.01], help="ridge lambda")
+    p.add_argument("--chunk-len", type=int, nargs="+", default=[64])
     p.add_argument("--key-layer", type=int, default=None, help="keys from this layer's features")
     p.add_argument("--memory", nargs="+", default=["ridge"], choices=["ridge", "linear"])
     p.add_argument("--episodes", type=int, default=8)
@@ -92,8 +110,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--save", help="save the generator here (one memory, layer and beta)")
     args = p.parse_args()
-    if args.save and len(args.memory) * len(args.layers) * len(args.beta) != 1:
-        p.error("--save takes one --memory, --layers and --beta")
+    grid = {
+        "memory": args.memory,
+        "layers": args.layers,
+        "lam": args.lam,
+        "chunk_len": args.chunk_len,
+        "beta": args.beta,
+    }
+    variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
+    if args.save and len(variants) != 1:
+        p.error("--save takes one value of each of " + ", ".join(f"--{k}" for k in grid))
     model, tokenizer = load_base_model(DEFAULT_MODEL)
     data = {
         k: read_episodes(ROOT / "data" / "benchmarks" / "recall" / f"{args.split}-k{k}.jsonl")[0][
@@ -108,15 +134,17 @@ def main() -> int:
         }
     }
     print("base", results["base"])
-    for memory, layer in ((m, la) for m in args.memory for la in args.layers):
-        for beta in tqdm(args.beta, desc=f"{memory}, layer {layer}"):
-            ga = copy_generator(model, tokenizer, layer, args.lam, beta, memory, args.key_layer)
-            method = make_method("genadapter", model, tokenizer, ga=ga)
-            name = f"{memory}, layer {layer}, beta {beta:g}"
-            results[name] = {k: choice(method, e, args.questions) for k, e in data.items()}
-            print(name, results[name])
-            if args.save:
-                ga.save_pretrained(args.save)
+    for v in tqdm(variants, desc="generators"):
+        options = {**v, "layers": parse_layers(v["layers"])}
+        ga = copy_generator(
+            model, tokenizer, **options, key_layer=args.key_layer, window=args.window
+        )
+        method = make_method("genadapter", model, tokenizer, ga=ga)
+        name = ", ".join(f"{k} {x}" for k, x in v.items())
+        results[name] = {k: choice(method, e, args.questions) for k, e in data.items()}
+        tqdm.write(f"{name}: {results[name]}")
+        if args.save:
+            ga.save_pretrained(args.save)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

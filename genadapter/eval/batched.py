@@ -2,9 +2,10 @@
 (in the prompt, a state or trained weights), so they run as one batch.
 
 `score_rows` runs the longest token prefix all rows share once (for prompt methods: the whole
-context) and reuses its KV cache for every row; `generate_rows` does the same for the prompts,
-then decodes every row together. Both give the results of running the rows one at a time, up
-to float rounding.
+context) and packs the rest of every row into one sequence that reads its KV cache;
+`generate_rows` runs the prompts' shared prefix once too, then decodes every row together. A
+`PrefixCache` carries that prefix from one call to the next (answering, then scoring). Both give
+the results of running the rows one at a time, up to float rounding.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from genadapter.compat import cache_argument
-from genadapter.eval.metrics import target_logprobs
+from genadapter.eval.metrics import log_softmax, target_logprobs
 
 MIN_SHARED = 16  # a shorter shared prefix is not worth a separate forward
-# tokens per forward, the shared prefix counted once per row: each row extends its own copy of
-# the prefix's KV cache, and on a CPU copying it for many rows costs more than a forward saves
+# tokens per scoring forward: packed rows count their own tokens; padded rows (no custom masks)
+# count the shared prefix once per row too, as each extends its own copy of the prefix's KV
+# cache, and on a CPU copying it for many rows costs more than a forward saves
 MAX_BATCH_TOKENS = 4096
 
 
@@ -45,12 +47,49 @@ def _batches(lengths: list[int], budget: int, shared: int = 0) -> list[list[int]
     return [*groups, group] if group else groups
 
 
+class PrefixCache:
+    """The KV cache of the last shared prefix one model ran, for the next call that shares it
+    (an episode's greedy answers and its scoring run the same context once). Use one per model
+    and weights: a cache is only valid for the weights that made it."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.cache = None
+
+    def get(self, model: nn.Module, prefix: list[int], device: torch.device):
+        """A cache holding exactly `prefix`: the one kept, grown by the rest of `prefix` if it
+        starts it, else a new one. Callers extend copies of it, never it."""
+        n = len(self.ids)
+        if self.cache is None or self.ids != prefix[:n] or n > len(prefix):
+            self.ids, self.cache, n = [], prefix_cache(model, prefix, device), len(prefix)
+        elif n < len(prefix):
+            model(
+                input_ids=torch.tensor([prefix[n:]], device=device),
+                position_ids=torch.arange(n, len(prefix), device=device)[None],
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_argument(model): self.cache},
+            )
+        self.ids = list(prefix)
+        return self.cache
+
+
+def packs_rows(model: nn.Module) -> bool:
+    """Whether the model takes a custom 4D attention mask (eager and SDPA attention do; flash
+    attention does not): then rows are packed into one sequence instead of padded."""
+    return getattr(model.config, "_attn_implementation", "eager") in ("eager", "sdpa")
+
+
 @torch.no_grad()
 def score_rows(
-    model: nn.Module, rows: list[tuple[list[int], int]], max_batch_tokens: int = MAX_BATCH_TOKENS
+    model: nn.Module,
+    rows: list[tuple[list[int], int]],
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+    prefixes: PrefixCache | None = None,
 ) -> list[Tensor]:
     """Log-probabilities of the last `n_target` tokens of each row `(ids, n_target)` under
-    teacher forcing, computed for all rows together."""
+    teacher forcing, computed for all rows together: the prefix every row shares runs once,
+    the rest of the rows follow it packed into one sequence (`packed_logprobs`)."""
     if any(not 0 < n < len(ids) for ids, n in rows):
         raise ValueError("every row needs 0 < n_target < its length")
     if not rows:
@@ -59,23 +98,68 @@ def score_rows(
     # every suffix keeps a prompt token, so each target is predicted inside its suffix
     shared = shared_prefix_length(ids_list, min(len(i) - n for i, n in rows) - 1)
     shared = shared if len(rows) > 1 and shared >= MIN_SHARED else 0
-    cache = None
     device = next(model.parameters()).device
-    if shared:
-        cache = prefix_cache(model, ids_list[0][:shared], device)
-    suffixes = [ids[shared:] for ids in ids_list]
+    cache = (prefixes or PrefixCache()).get(model, ids_list[0][:shared], device) if shared else None
+    suffixes = [(ids[shared:], n) for ids, n in rows]
     out: list[Tensor | None] = [None] * len(rows)
-    for group in _batches([len(s) for s in suffixes], max_batch_tokens, shared):
-        logits = suffix_logits(model, [suffixes[i] for i in group], shared, cache, device)
-        for j, i in enumerate(group):
-            ids = torch.tensor([suffixes[i]], device=device)
-            out[i] = target_logprobs(logits[j : j + 1, : ids.shape[1]], ids, rows[i][1]).cpu()
+    packed = packs_rows(model)
+    for group in _batches([len(s) for s, _ in suffixes], max_batch_tokens, 0 if packed else shared):
+        chosen = [suffixes[i] for i in group]
+        if packed:
+            scored = packed_logprobs(model, chosen, shared, cache, device)
+        else:
+            scored = padded_logprobs(model, chosen, shared, cache, device)
+        for i, lp in zip(group, scored, strict=True):
+            out[i] = lp.cpu()
     return out
+
+
+def packed_logprobs(
+    model: nn.Module, rows: list[tuple[list[int], int]], shared: int, cache, device
+) -> list[Tensor]:
+    """Target log-probs of rows `(suffix, n_target)` that follow `shared` cached prefix tokens,
+    all in one sequence of batch 1: a 4D mask lets each suffix see the prefix and its own
+    earlier tokens only, so the prefix's cache is copied once, not once per row."""
+    lengths = torch.tensor([len(s) for s, _ in rows])
+    row = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+    start = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    offset = torch.arange(len(row)) - start  # position inside its own suffix
+    sees = (row[:, None] == row[None, :]) & (offset[None, :] <= offset[:, None])
+    sees = torch.cat([sees.new_ones(len(row), shared), sees], 1)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)
+    # the logits that predict each target: positions len - n - 1 ... len - 2 of its suffix
+    ends = lengths.cumsum(0)
+    keep = torch.cat([torch.arange(e - n - 1, e - 1) for e, (_, n) in zip(ends, rows, strict=True)])
+    kwargs = {cache_argument(model): copy.deepcopy(cache)} if cache is not None else {}
+    logits = model(
+        input_ids=torch.tensor([[t for s, _ in rows for t in s]], device=device),
+        attention_mask=mask[None, None].to(device),
+        position_ids=(shared + offset)[None].to(device),
+        use_cache=cache is not None,
+        logits_to_keep=keep.to(device),
+        **kwargs,
+    ).logits[0]
+    targets = torch.tensor([t for s, n in rows for t in s[len(s) - n :]], device=device)
+    lp = log_softmax(logits).gather(-1, targets[:, None])[:, 0]
+    return list(lp.split([n for _, n in rows]))
+
+
+def padded_logprobs(
+    model: nn.Module, rows: list[tuple[list[int], int]], shared: int, cache, device
+) -> list[Tensor]:
+    """What `packed_logprobs` gives, for attention that takes no custom mask: right-padded
+    rows, each extending its own copy of the prefix's cache (`suffix_logits`)."""
+    logits = suffix_logits(model, [s for s, _ in rows], shared, cache, device)
+    return [
+        target_logprobs(logits[j : j + 1, : len(s)], torch.tensor([s], device=device), n)
+        for j, (s, n) in enumerate(rows)
+    ]
 
 
 def prefix_cache(model: nn.Module, prefix: list[int], device: torch.device):
     """The KV cache of one shared prefix, for `suffix_logits` to extend."""
-    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
     return getattr(out, cache_argument(model))
 
 
@@ -99,7 +183,12 @@ def suffix_logits(model, suffixes: list[list[int]], shared: int, cache, device) 
 
 @torch.no_grad()
 def generate_rows(
-    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop: list[int], pad_id: int
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop: list[int],
+    pad_id: int,
+    prefixes: PrefixCache | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (new token ids, up to and without the stop token) of each prompt,
     decoded together. The longest prefix all prompts share (for prompt methods: the context)
@@ -113,7 +202,7 @@ def generate_rows(
     R, cache_name = len(prompts), cache_argument(model)
     cache = None
     if shared:
-        cache = prefix_cache(model, prompts[0][:shared], device)
+        cache = copy.deepcopy((prefixes or PrefixCache()).get(model, prompts[0][:shared], device))
         cache.batch_repeat_interleave(R)
     suffixes = [p[shared:] for p in prompts]
     width = max(len(s) for s in suffixes)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from genadapter.eval.batched import generate_rows, score_rows
+from genadapter.eval.batched import PrefixCache, generate_rows, score_rows
 from genadapter.eval.bottleneck import HoulsbyAdapters
 from genadapter.eval.metrics import kv_cache_bytes
 from genadapter.eval.prompts import PromptFormat, as_tensor, join_context
@@ -58,6 +58,7 @@ class HFLM:
 
     def __init__(self, model: nn.Module, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.prefixes = PrefixCache()  # the context's KV cache, from answering to scoring
 
     def applied(self) -> contextlib.AbstractContextManager:
         """The context its forwards run in (nothing to add for a plain LM)."""
@@ -66,7 +67,7 @@ class HFLM:
     def score(self, rows: list[tuple[list[int], int]]) -> list[torch.Tensor]:
         """Log-probs of each row's last n_target tokens (`batched.score_rows`)."""
         with self.applied():
-            return score_rows(self.model, rows)
+            return score_rows(self.model, rows, prefixes=self.prefixes)
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
@@ -74,7 +75,7 @@ class HFLM:
         """(text, new tokens) of the greedy continuation of each prompt, decoded together."""
         pad = stop[0] if stop else (self.tokenizer.pad_token_id or 0)
         with self.applied():
-            new = generate_rows(self.model, prompts, max_new_tokens, stop, pad)
+            new = generate_rows(self.model, prompts, max_new_tokens, stop, pad, self.prefixes)
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [(t, len(n) + (len(n) < max_new_tokens)) for t, n in zip(texts, new, strict=True)]
 
