@@ -35,16 +35,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
+from genadapter.chunking import cut, pad  # noqa: E402
 from genadapter.config import GeneratorConfig, KeyConfig  # noqa: E402
 from genadapter.data.corpus import wiki_documents  # noqa: E402
-from genadapter.data.episodes import read_episodes  # noqa: E402
+from genadapter.data.episodes import Cloze, read_episodes  # noqa: E402
 from genadapter.eval.harness import evaluate_episode  # noqa: E402
 from genadapter.eval.methods import make_method  # noqa: E402
+from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
-from genadapter.warm_start import copy_values, fit_queries  # noqa: E402
+from genadapter.warm_start import copy_values, fit_queries, regression, target_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results" / "analytic_copy.json"
@@ -65,6 +68,8 @@ def copy_generator(
     chunk_len: int = 64,
     key_layer: int | None = None,
     window: int = 1,
+    fit_episodes: list | None = None,
+    fit_lam: float = 1e-4,
 ) -> GenerativeAdapter:
     """The generator of the module docstring at `layers` (K random, r = r_in = d); every layer
     copies beta / (number of layers), so beta is the size of the summed copy."""
@@ -77,9 +82,69 @@ def copy_generator(
     torch.manual_seed(0)
     ga = GenerativeAdapter.from_base(model, config, tokenizer=tokenizer).eval()
     copy_values(ga, beta / len(ga.generator.layers))
-    fits = fit_queries(ga, wiki_documents("train")[:64])
+    if fit_episodes:
+        fits = fit_recall_queries(ga, fit_episodes, fit_lam)
+    else:
+        fits = fit_queries(ga, wiki_documents("train")[:64])
     tqdm.write(f"query R² {min(fits.values()):.3f} (lowest of {len(fits)} targets)")
     return ga
+
+
+@torch.no_grad()
+def recall_pairs(ga: GenerativeAdapter, episodes: list) -> tuple[dict[str, Tensor], Tensor]:
+    """What a query should find, from recall episodes: per target, its input x at each cloze's
+    last token (the question read alone, as it is asked), and the key features h̄ its value was
+    written under in the context (the context read as `GenerativeAdapter.read` reads it)."""
+    gen, tok, fmt = ga.generator, ga.tokenizer, PromptFormat(ga.tokenizer)
+    c = gen.config
+    key_layer = gen.layers[0] if c.key_layer is None else c.key_layer
+    xs: dict[str, list[Tensor]] = {name: [] for name in gen.names}
+    ys: list[Tensor] = []
+    for episode in tqdm(episodes, desc="recall pairs"):
+        encoded = [
+            tok(t, add_special_tokens=False, return_offsets_mapping=True) for t in episode.context
+        ]
+        chunks = [cut(enc.input_ids, c.chunk_len) for enc in encoded]
+        ids, mask = pad([ch for doc in chunks for ch in doc], pad_id=tok.pad_token_id or 0)
+        h_key = gen.features(ga.context_features(ids, mask)[key_layer], mask.to(ga.device))[1]
+        first = [0, *itertools.accumulate(len(doc) for doc in chunks)]  # each text's first chunk
+        found = []
+        for text, enc, start in zip(episode.context, encoded, first, strict=False):
+            for qa in episode.qas:
+                at = text.find(f"{qa.question} {qa.answers[0]}")
+                if at < 0:
+                    continue
+                char = at + len(qa.question) + 1  # the value's first character
+                token = next(i for i, (_, end) in enumerate(enc.offset_mapping) if end > char)
+                chunk, pos = divmod(token, c.chunk_len)
+                if pos >= c.keys.shift:  # else its key window lies before its chunk: none
+                    ys.append(h_key[start + chunk, pos].cpu())
+                    found.append(qa.question)
+        if found:
+            ids, mask = pad([fmt.prompt_ids(Cloze(q)) for q in found], pad_id=tok.pad_token_id or 0)
+            inputs = target_inputs(ga, ids, mask)[0]
+            last = mask.sum(1) - 1
+            for name, x in inputs.items():
+                xs[name].append(x[torch.arange(len(found)), last.to(x.device)].cpu())
+    return {name: torch.cat(x) for name, x in xs.items()}, torch.stack(ys)
+
+
+@torch.no_grad()
+def fit_recall_queries(ga: GenerativeAdapter, episodes: list, lam: float) -> dict[str, float]:
+    """Set each target's A = K R, R the ridge regression of the key its cloze's value was
+    written under on the question's x (`recall_pairs`); returns each target's R² on a fifth of
+    the pairs held out of the fit."""
+    xs, y = recall_pairs(ga, episodes)
+    cut_at = len(y) * 4 // 5
+    fits = {}
+    for name, x in xs.items():
+        R = regression(x[:cut_at], y[:cut_at], lam)[0]
+        residual = (y[cut_at:].double() - x[cut_at:].double() @ R.T).pow(2).sum()
+        fits[name] = float(1 - residual / (y[cut_at:] - y[cut_at:].mean(0)).double().pow(2).sum())
+        R = regression(x, y, lam)[0]
+        block = ga.generator[name]
+        block.A.copy_((block.K.double() @ R.to(block.K.device)).to(block.A.dtype))
+    return fits
 
 
 def choice(method, episodes, questions: int) -> float:
@@ -102,6 +167,13 @@ def main() -> int:
     p.add_argument("--beta", type=float, nargs="+", default=[60.0, 120.0, 360.0])
     p.add_argument("--lam", type=float, nargs="+", default=[0.01], help="ridge lambda")
     p.add_argument("--chunk-len", type=int, nargs="+", default=[64])
+    p.add_argument(
+        "--fit-episodes",
+        type=int,
+        default=0,
+        help="fit the queries on this many recall training episodes (0: on wiki text, A x = key)",
+    )
+    p.add_argument("--fit-lam", type=float, default=1e-4, help="ridge of the query regression")
     p.add_argument("--key-layer", type=int, default=None, help="keys from this layer's features")
     p.add_argument("--memory", nargs="+", default=["ridge"], choices=["ridge", "linear"])
     p.add_argument("--episodes", type=int, default=8)
@@ -127,6 +199,8 @@ def main() -> int:
         ]
         for k in args.k
     }
+    train = ROOT / "data" / "benchmarks" / "recall" / "train.jsonl"
+    fit_episodes = read_episodes(train)[0][: args.fit_episodes] if args.fit_episodes else None
     results = {
         "base": {
             k: choice(make_method("base", model, tokenizer), e, args.questions)
@@ -137,8 +211,9 @@ def main() -> int:
     for v in tqdm(variants, desc="generators"):
         options = {**v, "layers": parse_layers(v["layers"])}
         ga = copy_generator(
-            model, tokenizer, **options, key_layer=args.key_layer, window=args.window
-        )
+            model, tokenizer, **options, key_layer=args.key_layer, window=args.window,
+            fit_episodes=fit_episodes, fit_lam=args.fit_lam,
+        )  # fmt: skip
         method = make_method("genadapter", model, tokenizer, ga=ga)
         name = ", ".join(f"{k} {x}" for k, x in v.items())
         results[name] = {k: choice(method, e, args.questions) for k, e in data.items()}
