@@ -22,8 +22,9 @@ QAS = [
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_score_rows_equals_one_forward_per_row(monkeypatch, packed):
-    """Rows sharing a long prefix (run once, its KV cache reused) and rows that do not, packed
-    into one sequence or padded: log-probs equal a plain float64 forward of each row alone."""
+    """Rows sharing a long prefix (run once, its KV cache reused), rows that share more of it
+    (a tree: options of one prompt) and rows that do not, packed into one sequence or padded:
+    log-probs equal a plain float64 forward of each row alone."""
     monkeypatch.setattr(batched, "packs_rows", lambda model: packed)
     model = tiny_llama(seed=3).double()
     g = torch.Generator().manual_seed(0)
@@ -32,9 +33,11 @@ def test_score_rows_equals_one_forward_per_row(monkeypatch, packed):
         (shared + torch.randint(0, 500, (n,), generator=g).tolist(), t)
         for n, t in [(3, 1), (9, 4), (5, 2), (12, 7)]
     ]
+    branch = shared + torch.randint(0, 500, (6,), generator=g).tolist()
+    rows += [(branch + [7, 8], 2), (branch + [7, 9, 4], 3), (branch + [5], 1)]  # a prefix tree
     rows.append((torch.randint(0, 500, (20,), generator=g).tolist(), 5))  # nothing shared
-    assert shared_prefix_length([r for r, _ in rows[:4]], 100) >= 40
-    for batch in (rows[:4], rows, rows[1:2]):
+    assert shared_prefix_length([r for r, _ in rows[:7]], 100) >= 40
+    for batch in (rows[:7], rows, rows[1:2], rows[4:6]):
         got = score_rows(model, batch, max_batch_tokens=30)  # several groups
         for (ids, n), lp in zip(batch, got, strict=True):
             logits = model(torch.tensor([ids])).logits[0, -n - 1 : -1]

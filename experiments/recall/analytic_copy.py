@@ -51,6 +51,7 @@ from genadapter.warm_start import copy_values, fit_queries, regression, target_i
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results" / "analytic_copy.json"
+PAIRS: dict[tuple, tuple[dict[str, Tensor], Tensor]] = {}  # recall_pairs, by what they depend on
 
 
 def parse_layers(spec: str) -> list[int] | str:
@@ -134,7 +135,11 @@ def fit_recall_queries(ga: GenerativeAdapter, episodes: list, lam: float) -> dic
     """Set each target's A = K R, R the ridge regression of the key its cloze's value was
     written under on the question's x (`recall_pairs`); returns each target's R² on a fifth of
     the pairs held out of the fit."""
-    xs, y = recall_pairs(ga, episodes)
+    c = ga.generator.config
+    key = (tuple(ga.generator.names), c.chunk_len, repr(c.keys), c.key_layer, len(episodes))
+    if key not in PAIRS:  # the pairs do not depend on K, V or the memory: read them once
+        PAIRS[key] = recall_pairs(ga, episodes)
+    xs, y = PAIRS[key]
     cut_at = len(y) * 4 // 5
     fits = {}
     for name, x in xs.items():
@@ -173,7 +178,9 @@ def main() -> int:
         default=0,
         help="fit the queries on this many recall training episodes (0: on wiki text, A x = key)",
     )
-    p.add_argument("--fit-lam", type=float, default=1e-4, help="ridge of the query regression")
+    p.add_argument(
+        "--fit-lam", type=float, nargs="+", default=[1e-4], help="ridge of the query regression"
+    )
     p.add_argument("--key-layer", type=int, default=None, help="keys from this layer's features")
     p.add_argument("--memory", nargs="+", default=["ridge"], choices=["ridge", "linear"])
     p.add_argument("--episodes", type=int, default=8)
@@ -188,6 +195,7 @@ def main() -> int:
         "lam": args.lam,
         "chunk_len": args.chunk_len,
         "beta": args.beta,
+        "fit_lam": args.fit_lam,
     }
     variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
     if args.save and len(variants) != 1:
@@ -212,7 +220,7 @@ def main() -> int:
         options = {**v, "layers": parse_layers(v["layers"])}
         ga = copy_generator(
             model, tokenizer, **options, key_layer=args.key_layer, window=args.window,
-            fit_episodes=fit_episodes, fit_lam=args.fit_lam,
+            fit_episodes=fit_episodes,
         )  # fmt: skip
         method = make_method("genadapter", model, tokenizer, ga=ga)
         name = ", ".join(f"{k} {x}" for k, x in v.items())

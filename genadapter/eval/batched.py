@@ -114,35 +114,58 @@ def score_rows(
     return out
 
 
+def prefix_tree(rows: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """The rows as a tree of tokens, each prefix once: every node's token and parent (-1 at a
+    root), and each row's path of nodes. Options of one question share its prompt's nodes."""
+    tokens, parents, paths, index = [], [], [], {}
+    for row in rows:
+        node, path = -1, []
+        for t in row:
+            if (node, t) not in index:
+                index[node, t] = len(tokens)
+                tokens.append(t)
+                parents.append(node)
+            node = index[node, t]
+            path.append(node)
+        paths.append(path)
+    return tokens, parents, paths
+
+
 def packed_logprobs(
     model: nn.Module, rows: list[tuple[list[int], int]], shared: int, cache, device
 ) -> list[Tensor]:
     """Target log-probs of rows `(suffix, n_target)` that follow `shared` cached prefix tokens,
-    all in one sequence of batch 1: a 4D mask lets each suffix see the prefix and its own
-    earlier tokens only, so the prefix's cache is copied once, not once per row."""
-    lengths = torch.tensor([len(s) for s, _ in rows])
-    row = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-    start = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    offset = torch.arange(len(row)) - start  # position inside its own suffix
-    sees = (row[:, None] == row[None, :]) & (offset[None, :] <= offset[:, None])
-    sees = torch.cat([sees.new_ones(len(row), shared), sees], 1)
+    their tokens packed as one sequence of batch 1, every prefix the rows share once
+    (`prefix_tree`): a 4D mask lets each token see the cached prefix and its own ancestors only,
+    so the prefix's cache is copied once, not once per row, and a question's options read its
+    prompt once."""
+    tokens, parents, paths = prefix_tree([s for s, _ in rows])
+    sees = torch.eye(len(tokens), dtype=torch.bool)
+    depth = torch.zeros(len(tokens), dtype=torch.long)
+    for i, parent in enumerate(parents):  # parents come first: a node sees what its parent sees
+        if parent >= 0:
+            sees[i] |= sees[parent]
+            depth[i] = depth[parent] + 1
+    sees = torch.cat([sees.new_ones(len(tokens), shared), sees], 1)
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(sees.shape, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)
-    # the logits that predict each target: positions len - n - 1 ... len - 2 of its suffix
-    ends = lengths.cumsum(0)
-    keep = torch.cat([torch.arange(e - n - 1, e - 1) for e, (_, n) in zip(ends, rows, strict=True)])
+    # the node before each target token predicts it; keep the logits of those nodes only
+    before = [
+        path[len(path) - n - 1 : len(path) - 1] for path, (_, n) in zip(paths, rows, strict=True)
+    ]
+    keep = sorted({i for b in before for i in b})
+    at = {node: j for j, node in enumerate(keep)}
     kwargs = {cache_argument(model): copy.deepcopy(cache)} if cache is not None else {}
     logits = model(
-        input_ids=torch.tensor([[t for s, _ in rows for t in s]], device=device),
+        input_ids=torch.tensor([tokens], device=device),
         attention_mask=mask[None, None].to(device),
-        position_ids=(shared + offset)[None].to(device),
+        position_ids=(shared + depth)[None].to(device),
         use_cache=cache is not None,
-        logits_to_keep=keep.to(device),
+        logits_to_keep=torch.tensor(keep, device=device),
         **kwargs,
     ).logits[0]
-    targets = torch.tensor([t for s, n in rows for t in s[len(s) - n :]], device=device)
-    lp = log_softmax(logits).gather(-1, targets[:, None])[:, 0]
-    return list(lp.split([n for _, n in rows]))
+    lp = log_softmax(logits)
+    return [lp[[at[i] for i in b], s[len(s) - n :]] for b, (s, n) in zip(before, rows, strict=True)]
 
 
 def padded_logprobs(
