@@ -16,11 +16,13 @@ the base LM; no parameter is trained.
 
     python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29 26:30] [--beta 60 120]
         [--memory ridge linear] [--lam 0.01 0.1] [--chunk-len 32 64] [--key-layer L]
-        [--window W] [--split validation] [--save DIR]
+        [--window W] [--fit-episodes N --fit-lam 1e-3 0.1] [--split validation] [--save DIR]
 
-Every combination of the listed --memory, --layers, --lam, --chunk-len and --beta is one
-generator; with several layers ("26:30", "4,8,29") each copies beta / (their number).
-Writes results/analytic_copy.json (--out).
+Every combination of the listed --memory, --layers, --lam, --chunk-len, --beta and --fit-lam is
+one generator; with several layers ("26:30", "4,8,29") each copies beta / (their number).
+`--fit-episodes N` fits the queries on N recall training episodes instead of wiki text: the
+question read alone regressed onto the key its value was written under in the context
+(`fit_recall_queries`). Writes results/analytic_copy.json (--out) after every generator.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ def copy_generator(
     window: int = 1,
     fit_episodes: list | None = None,
     fit_lam: float = 1e-4,
-) -> GenerativeAdapter:
+) -> tuple[GenerativeAdapter, float]:
     """The generator of the module docstring at `layers` (K random, r = r_in = d); every layer
-    copies beta / (number of layers), so beta is the size of the summed copy."""
+    copies beta / (number of layers), so beta is the size of the summed copy. Also returns the
+    lowest R² of its query fits."""
     d = model.config.hidden_size
     config = GeneratorConfig(
         r=d, r_in=d, layers=layers, target_modules=["down_proj"], memory=memory,
@@ -87,8 +90,7 @@ def copy_generator(
         fits = fit_recall_queries(ga, fit_episodes, fit_lam)
     else:
         fits = fit_queries(ga, wiki_documents("train")[:64])
-    tqdm.write(f"query R² {min(fits.values()):.3f} (lowest of {len(fits)} targets)")
-    return ga
+    return ga, min(fits.values())
 
 
 @torch.no_grad()
@@ -216,25 +218,32 @@ def main() -> int:
         }
     }
     print("base", results["base"])
+    r2 = {}
     for v in tqdm(variants, desc="generators"):
         options = {**v, "layers": parse_layers(v["layers"])}
-        ga = copy_generator(
+        ga, fit = copy_generator(
             model, tokenizer, **options, key_layer=args.key_layer, window=args.window,
             fit_episodes=fit_episodes,
         )  # fmt: skip
         method = make_method("genadapter", model, tokenizer, ga=ga)
         name = ", ".join(f"{k} {x}" for k, x in v.items())
         results[name] = {k: choice(method, e, args.questions) for k, e in data.items()}
-        tqdm.write(f"{name}: {results[name]}")
+        r2[name] = fit
+        tqdm.write(f"{name}: query R² {fit:.3f}, choice {results[name]}")
         if args.save:
             ga.save_pretrained(args.save)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "choice": results}, indent=1
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every generator
+        args.out.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(x) for k, x in vars(args).items()},
+                    "choice": results,
+                    "query_r2": r2,
+                },
+                indent=1,
+            )
+            + "\n"
         )
-        + "\n"
-    )
     return 0
 
 
