@@ -37,8 +37,19 @@ def regression(X: Tensor, Y: Tensor, lam: float = RIDGE) -> tuple[Tensor, float]
     XtX = X.T @ X
     lam_bar = lam * XtX.diagonal().sum() / XtX.shape[0]
     R = torch.linalg.solve(XtX + lam_bar * torch.eye(XtX.shape[0], dtype=X.dtype), X.T @ Y).T
-    residual = (Y - X @ R.T).pow(2).sum()
-    return R, float(1 - residual / (Y - Y.mean(0)).pow(2).sum())
+    return R, r_squared(X, Y, R)
+
+
+def r_squared(X: Tensor, Y: Tensor, R: Tensor) -> float:
+    """The share of Y's variance that X R^T explains (in float64; on held-out X, Y too)."""
+    X, Y, R = X.double(), Y.double(), R.double()
+    return float(1 - (Y - X @ R.T).pow(2).sum() / (Y - Y.mean(0)).pow(2).sum())
+
+
+@torch.no_grad()
+def set_queries(block, R: Tensor) -> None:
+    """A = K R for one target's ModuleGenerator: the query of x is the key R x would write."""
+    block.A.copy_((block.K.double() @ R.to(block.K.device)).to(block.A.dtype))
 
 
 def target_inputs(ga, ids: Tensor, mask: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
@@ -90,10 +101,9 @@ def fit_queries(ga, texts: list[str], max_chunks: int = 64, batch: int = 16) -> 
             ys.setdefault(layer, []).append(h_key[real].cpu())
     fits = {}
     for target in gen.targets:
-        block = gen[target.name]
         key_layer = target.layer if c.key_layer is None else c.key_layer
         R, fits[target.name] = regression(torch.cat(xs[target.name]), torch.cat(ys[key_layer]))
-        block.A.copy_((block.K.double() @ R.to(block.K.device)).to(block.A.dtype))
+        set_queries(gen[target.name], R)
     return fits
 
 

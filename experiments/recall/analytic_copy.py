@@ -49,7 +49,14 @@ from genadapter.eval.harness import evaluate_episode  # noqa: E402
 from genadapter.eval.methods import make_method  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
-from genadapter.warm_start import copy_values, fit_queries, regression, target_inputs  # noqa: E402
+from genadapter.warm_start import (  # noqa: E402
+    copy_values,
+    fit_queries,
+    r_squared,
+    regression,
+    set_queries,
+    target_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results" / "analytic_copy.json"
@@ -146,11 +153,8 @@ def fit_recall_queries(ga: GenerativeAdapter, episodes: list, lam: float) -> dic
     fits = {}
     for name, x in xs.items():
         R = regression(x[:cut_at], y[:cut_at], lam)[0]
-        residual = (y[cut_at:].double() - x[cut_at:].double() @ R.T).pow(2).sum()
-        fits[name] = float(1 - residual / (y[cut_at:] - y[cut_at:].mean(0)).double().pow(2).sum())
-        R = regression(x, y, lam)[0]
-        block = ga.generator[name]
-        block.A.copy_((block.K.double() @ R.to(block.K.device)).to(block.A.dtype))
+        fits[name] = r_squared(x[cut_at:], y[cut_at:], R)
+        set_queries(ga.generator[name], regression(x, y, lam)[0])
     return fits
 
 

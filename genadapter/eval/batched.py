@@ -61,15 +61,9 @@ class PrefixCache:
         starts it, else a new one. Callers extend copies of it, never it."""
         n = len(self.ids)
         if self.cache is None or self.ids != prefix[:n] or n > len(prefix):
-            self.ids, self.cache, n = [], prefix_cache(model, prefix, device), len(prefix)
+            self.cache = prefix_cache(model, prefix, device)
         elif n < len(prefix):
-            model(
-                input_ids=torch.tensor([prefix[n:]], device=device),
-                position_ids=torch.arange(n, len(prefix), device=device)[None],
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_argument(model): self.cache},
-            )
+            self.cache = prefix_cache(model, prefix[n:], device, self.cache, start=n)
         self.ids = list(prefix)
         return self.cache
 
@@ -180,9 +174,19 @@ def padded_logprobs(
     ]
 
 
-def prefix_cache(model: nn.Module, prefix: list[int], device: torch.device):
-    """The KV cache of one shared prefix, for `suffix_logits` to extend."""
-    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+def prefix_cache(
+    model: nn.Module, prefix: list[int], device: torch.device, cache=None, start: int = 0
+):
+    """The KV cache of one shared prefix, for `suffix_logits` to extend; given `cache` (of the
+    `start` tokens before `prefix`), that cache grown by `prefix`."""
+    kwargs = {} if cache is None else {cache_argument(model): cache}
+    out = model(
+        input_ids=torch.tensor([prefix], device=device),
+        position_ids=torch.arange(start, start + len(prefix), device=device)[None],
+        use_cache=True,
+        logits_to_keep=1,
+        **kwargs,
+    )
     return getattr(out, cache_argument(model))
 
 
