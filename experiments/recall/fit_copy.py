@@ -9,22 +9,25 @@ for such a generator, and for the first answer token, the adapted model's logits
 
 with nothing of the LM to run again: r and x of every training question, and the hidden states
 every context chunk writes with, are read once by the frozen LM and cached, and the generator's
-own code (`Generator.write`, `Generator.lora`) turns them into dW. Training K, A and the write
-gate G on them (V, B stay the copy of `warm_start.copy_values`) is then exact and fast: the loss
-is the cross-entropy of the gold value among the cloze's options, plus the NLL of its first token
+own code (`Generator.write`, `Generator.lora`) turns them into dW. Fitting K, A and the write
+gate G on them (V, B stay the copy of `warm_start.copy_values`), or K alone with A = K R
+(`--tie-queries`), is then exact (up to the float16 the cache keeps hidden states in) and fast. The loss is the cross-entropy of the gold value among
+the cloze's options (their first tokens), plus `--nll-weight` times the NLL of its first token
 over the whole vocabulary. Both memories are fitted the same way, so their difference is the
 memory's.
 
-    python experiments/recall/fit_copy.py --memory ridge --r-in 128 --save runs/recall-fit/ridge-r128
-    python experiments/recall/fit_copy.py --memory linear --r-in 128 --save runs/recall-fit/linear-r128
+    python experiments/recall/fit_copy.py --memory ridge --tie-queries --train K \
+        --out experiments/recall/results/fit_copy_ridge_tied.json [--save DIR]
 
-Writes the generator (--save), its training curve and validation accuracy (first-token choice
-among the options on the cached validation features at K = 16) to --save/fit.json.
+Writes --out: the training curve and first-token choice among the options, before and every
+--eval-every steps, on 64 training episodes not fitted (held in: the training forms) and on
+validation K = 16 (held-out forms). Results: README.md, "Fitting the match exactly".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -80,7 +83,11 @@ def last_layer_target(ga: GenerativeAdapter) -> str:
 
 
 @torch.no_grad()
-def cache_episode(ga: GenerativeAdapter, fmt: PromptFormat, episode) -> Cached:
+def cache_episode(
+    ga: GenerativeAdapter, fmt: PromptFormat, episode, dtype: torch.dtype = torch.float16
+) -> Cached:
+    """One episode's `Cached` features; the chunks' hidden states kept in `dtype` (half of
+    float32's memory by default; float32 keeps the logits exact)."""
     gen, tok = ga.generator, ga.tokenizer
     rows = ga._rows(list(episode.context), None)
     chunks = [piece for row in rows for piece in cut(row, gen.config.chunk_len)]
@@ -102,7 +109,7 @@ def cache_episode(ga: GenerativeAdapter, fmt: PromptFormat, episode) -> Cached:
     first = [[fmt.answer_ids(o, Cloze(qa.question))[0] for o in qa.options] for qa in qas]
     first = [f + [-1] * (MAX_OPTIONS - len(f)) for f in first]  # -1: no option (K < 8)
     return Cached(
-        hidden={k: v.half().cpu() for k, v in hidden.items()},
+        hidden={k: v.to(dtype).cpu() for k, v in hidden.items()},
         mask=mask,
         x=inputs[name][torch.arange(len(qas)), last].cpu(),
         resid=captured["r"][torch.arange(len(qas)), last].cpu(),
@@ -189,33 +196,66 @@ def build(args, model, tokenizer) -> GenerativeAdapter:
         r=d, r_in=args.r_in, layers=[model.config.num_hidden_layers - 1],
         target_modules=["down_proj"], memory=args.memory, ridge_lambda=args.lam,
         normalization="none", value_layer=0, chunk_len=args.chunk_len,
-        keys=KeyConfig(shift=1, window=args.window, gate=True),
+        keys=KeyConfig(shift=1, window=args.window, gate=True), key_layer=args.key_layer,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     ga = GenerativeAdapter.from_base(model, config, tokenizer=tokenizer)
     copy_values(ga, args.beta)
-    fit_queries(ga, wiki_documents("train")[:64])  # the match starts as query = key
+    fits = fit_queries(ga, wiki_documents("train")[:64])  # the match starts as query = key
+    print("query R² on wiki text", fits)
     return ga
+
+
+class TiedQueries:
+    """A = K R with R fixed (`--tie-queries`): the query stays the key its input would write
+    (warm_start.fit_queries), and fitting K learns which directions of the key features tell
+    one pair from another (a metric), with a fifth of the parameters of K and A apart."""
+
+    def __init__(self, block) -> None:
+        self.block, self.K = block, block.K
+        self.R = torch.linalg.lstsq(block.K.detach().double(), block.A.detach().double())
+        self.R = self.R.solution.to(block.A.dtype)  # exact: A = K R after fit_queries
+        del block.A  # a tensor computed from K from now on
+
+    def __enter__(self):
+        self.block.A = self.K @ self.R
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.block.A = (self.K @ self.R).detach()
+
+    def release(self) -> None:
+        """A a parameter again (for saving)."""
+        self.block.A = torch.nn.Parameter((self.K @ self.R).detach())
+
+
+def choices(ga, sets: dict[str, list[Cached]]) -> dict[str, float]:
+    return {name: accuracy(ga, data) for name, data in sets.items()}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--memory", default="ridge", choices=["ridge", "linear"])
-    p.add_argument("--r-in", type=int, default=128)
+    p.add_argument("--r-in", type=int, default=576)
     p.add_argument("--lam", type=float, default=0.01, help="ridge lambda (GeneratorConfig)")
     p.add_argument("--beta", type=float, default=60.0, help="size of the copy (copy_values)")
     p.add_argument("--window", type=int, default=1, help="key window (KeyConfig.window)")
     p.add_argument("--chunk-len", type=int, default=64)
-    p.add_argument("--train-episodes", type=int, default=400)
-    p.add_argument("--val-episodes", type=int, default=48)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument(
+        "--key-layer", type=int, default=None, help="keys from this layer (0: embeddings)"
+    )
+    p.add_argument("--train-episodes", type=int, default=600, help="the last 64 are held in")
+    p.add_argument("--val-episodes", type=int, default=64)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=16, help="episodes a step")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--nll-weight", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--nll-weight", type=float, default=0.0)
     p.add_argument("--train", nargs="+", default=["K", "A", "G"], help="parameters fitted")
+    p.add_argument("--tie-queries", action="store_true", help="A = K R: fit K (and --train)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", type=Path, required=True)
+    p.add_argument("--save", type=Path, help="save the fitted generator here")
+    p.add_argument("--out", type=Path, required=True, help="the fit's log and accuracies (JSON)")
     p.add_argument("--cache", type=Path, default=ROOT / "runs" / "recall-fit" / "cache")
     args = p.parse_args()
 
@@ -231,9 +271,13 @@ def main() -> int:
     )
     val_data = cache(ga, val, "reading val", args.cache / f"val-k16-{len(val)}-{tag}.safetensors")
     read_seconds = time.perf_counter() - t0
+    # held in: episodes not fitted, in the training forms (K 4-64); validation: K 16, new forms
+    fit_data, sets = train_data[:-64], {"held_in": train_data[-64:], "validation": val_data}
 
     block = ga.generator[ga.generator.names[0]]
-    params = [getattr(block, n) for n in args.train]
+    tied = TiedQueries(block) if args.tie_queries else contextlib.nullcontext()
+    params = [getattr(block, n) for n in args.train if not (args.tie_queries and n == "A")]
+    params += [block.K] if args.tie_queries and "K" not in args.train else []
     for prm in ga.generator.parameters():
         prm.requires_grad_(False)
     for prm in params:
@@ -244,26 +288,34 @@ def main() -> int:
     )
     rng = random.Random(args.seed)
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "read_seconds": read_seconds}
-    log["val_choice"] = {0: accuracy(ga, val_data)}
+    with tied:
+        pass
+    log["choice"] = {0: choices(ga, sets)}
     log["train"] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(1, args.steps + 1), desc=f"fitting {args.memory}")
+    bar = tqdm(range(1, args.steps + 1), desc=f"fitting {args.memory}", mininterval=5)
     for step in bar:
-        batch = rng.sample(train_data, args.batch)
-        loss, acc = losses(ga, batch, args.nll_weight)
-        opt.zero_grad()
-        loss.backward()
+        with tied:
+            loss, acc = losses(ga, rng.sample(fit_data, args.batch), args.nll_weight)
+            opt.zero_grad()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         log["train"].append((step, loss.item(), acc))
-        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{acc:.2f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
         if step % args.eval_every == 0 or step == args.steps:
-            log["val_choice"][step] = accuracy(ga, val_data)
-            tqdm.write(f"step {step}: val choice {log['val_choice'][step]:.3f}")
+            with tied:
+                pass
+            log["choice"][step] = choices(ga, sets)
+            tqdm.write(f"step {step}: first-token choice {log['choice'][step]}")
     log["fit_seconds"] = time.perf_counter() - t0
-    ga.save_pretrained(args.save)
-    (args.save / "fit.json").write_text(json.dumps(log, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(log, indent=1) + "\n")
+    if args.save:
+        if args.tie_queries:
+            tied.release()
+        ga.save_pretrained(args.save)
     return 0
 
 
