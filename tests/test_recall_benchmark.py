@@ -103,6 +103,24 @@ def test_splits_use_disjoint_surface_forms_and_names():
                 assert names and all(split_of(n) == split for n in names)
 
 
+def one_cloze_form(e: QAEpisode) -> str | None:
+    """The form (with {k}) every cloze of the episode repeats, if they all repeat one."""
+    forms = {qa.question.replace(key_of(qa.question), "{k}") for qa in e.qas}
+    return forms.pop() if len(forms) == 1 else None
+
+
+def test_one_form_states_every_pair_of_an_episode_alike():
+    for e in make_recall("train", 20, k=(8, 16), seed=1, one_form=True):
+        form = one_cloze_form(e)
+        assert form is not None
+        k = int(re.search(r"-k(\d+)-", e.id).group(1))
+        sentences = re.split(r"(?<=[.])\s+", " ".join(e.context))
+        stated = [s for s in sentences if form_regex(form + " {v}.").fullmatch(s)]
+        assert len(stated) == k  # every pair in the clozes' form: only its key tells them apart
+    mixed = make_recall("train", 20, k=(8, 16), seed=1)
+    assert any(one_cloze_form(e) is None for e in mixed)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown split"):
         make_recall("dev", 1)

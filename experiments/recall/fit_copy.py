@@ -48,6 +48,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import cut, pad  # noqa: E402
 from genadapter.config import GeneratorConfig, KeyConfig  # noqa: E402
+from genadapter.data.benchmarks.recall import make_recall  # noqa: E402
 from genadapter.data.corpus import wiki_documents  # noqa: E402
 from genadapter.data.episodes import Cloze, read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
@@ -246,6 +247,9 @@ def main() -> int:
     )
     p.add_argument("--train-episodes", type=int, default=600, help="the last 64 are held in")
     p.add_argument("--val-episodes", type=int, default=64)
+    p.add_argument(
+        "--one-form", action="store_true", help="fit on episodes whose pairs share one form"
+    )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=16, help="episodes a step")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -262,12 +266,18 @@ def main() -> int:
     model, tokenizer = load_base_model(DEFAULT_MODEL)
     model.requires_grad_(False)
     ga = build(args, model, tokenizer)
-    train = read_episodes(DATA / "train.jsonl")[0][: args.train_episodes]
+    if args.one_form:  # every pair of an episode in one form: only the key tells them apart
+        train = make_recall("train", args.train_episodes, seed=args.seed, one_form=True)
+    else:
+        train = read_episodes(DATA / "train.jsonl")[0][: args.train_episodes]
     val = read_episodes(DATA / "validation-k16.jsonl")[0][: args.val_episodes]
     t0 = time.perf_counter()
     tag = f"c{args.chunk_len}-l{'-'.join(map(str, ga.generator.feature_layers))}"
     train_data = cache(
-        ga, train, "reading train", args.cache / f"train{len(train)}-{tag}.safetensors"
+        ga,
+        train,
+        "reading train",
+        args.cache / f"train{len(train)}{'-one-form' if args.one_form else ''}-{tag}.safetensors",
     )
     val_data = cache(ga, val, "reading val", args.cache / f"val-k16-{len(val)}-{tag}.safetensors")
     read_seconds = time.perf_counter() - t0

@@ -140,11 +140,20 @@ def distinct(draw: Callable[[], str], n: int, taken: set[str]) -> list[str]:
 
 
 def _sentences(
-    r: random.Random, kind: PairKind, pairs: list, split: str, filler: float, ask: str
+    r: random.Random,
+    kind: PairKind,
+    pairs: list,
+    split: str,
+    filler: float,
+    ask: str,
+    one_form: bool = False,
 ) -> tuple[list[str], dict[int, str | None]]:
-    """Each pair stated once in a form of the split, in random order, with filler between; and
-    per pair, the form its cloze repeats (None when asking questions)."""
+    """Each pair stated once in a form of the split (with `one_form`, the same for every pair),
+    in random order, with filler between; and per pair, the form its cloze repeats (None when
+    asking questions)."""
     forms, out, form_of = kind.statement_forms(split, ask), [], {}
+    if one_form:
+        forms = (r.choice(forms),)
     for i in r.sample(range(len(pairs)), len(pairs)):
         form = r.choice(forms)
         form_of[i] = form if ask == "cloze" else None
@@ -166,10 +175,15 @@ def make_recall(
     filler: float = 1.0,
     sentences_per_doc: int = 8,
     ask: str = "cloze",
+    one_form: bool = False,
 ) -> list[QAEpisode]:
     """`recall` episodes for one split: `k` pairs each (an int, or a tuple drawn from per
     episode), `filler` filler sentences per pair on average, `n_questions` questions on distinct
-    keys (`ask`: clozes or questions), documents of `sentences_per_doc` sentences."""
+    keys (`ask`: clozes or questions), documents of `sentences_per_doc` sentences.
+
+    `one_form`: every pair of an episode is stated in one form, so that a cloze (which repeats
+    its pair's form) can find its pair by the key alone, never by the form's words: training
+    data for a match that must generalise to unseen forms."""
     check_split(split)
     if ask not in ASK:
         raise ValueError(f"ask must be one of {ASK}, got {ask!r}")
@@ -177,13 +191,14 @@ def make_recall(
     if min(ks) < 2 or max(ks) > max(K_VALUES):
         raise ValueError(f"k must lie in [2, {max(K_VALUES)}], got {ks}")
     # questions keep the stream they had before clozes came (the same episodes as then)
-    r = rng_for("recall", split, seed, ks, n_questions, filler, *([ask] if ask == "cloze" else []))
+    tail = ([ask] if ask == "cloze" else []) + (["one form"] if one_form else [])
+    r = rng_for("recall", split, seed, ks, n_questions, filler, *tail)
     episodes = []
     for i in range(n_episodes):
         kind, n_pairs = r.choice(KINDS), r.choice(ks)
         episode_id = f"recall-{split}-s{seed}-k{n_pairs}-{kind.name}-{i:05d}"
         pairs = draw_pairs(NameMaker(r, split), kind, n_pairs)
-        sentences, form_of = _sentences(r, kind, pairs, split, filler, ask)
+        sentences, form_of = _sentences(r, kind, pairs, split, filler, ask, one_form)
         docs = _documents(sentences, sentences_per_doc)
         qas = [
             _question(r, kind, pairs, i, split, form_of[i])
