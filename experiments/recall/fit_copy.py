@@ -66,7 +66,7 @@ class Cached:
     generator reads) and, per cloze, the target's input x and the last residual r at its end,
     the ids of its options' first tokens and which of them is gold."""
 
-    hidden: dict[int, Tensor]  # {layer: (chunks, chunk_len, d)}, float16
+    hidden: dict[int, Tensor]  # {layer: (chunks, chunk_len, d)}, float16 in the cache
     mask: Tensor  # (chunks, chunk_len)
     x: Tensor  # (questions, in)
     resid: Tensor  # (questions, d)
@@ -90,7 +90,7 @@ def cache_episode(
     """One episode's `Cached` features; the chunks' hidden states kept in `dtype` (half of
     float32's memory by default; float32 keeps the logits exact)."""
     gen, tok = ga.generator, ga.tokenizer
-    rows = ga._rows(list(episode.context), None)
+    rows = tok(list(episode.context), add_special_tokens=False).input_ids  # as `read` reads
     chunks = [piece for row in rows for piece in cut(row, gen.config.chunk_len)]
     ids, mask = pad(chunks, pad_id=tok.pad_token_id or 0, length=gen.config.chunk_len)
     hidden = ga.context_features(ids, mask)
@@ -160,10 +160,9 @@ def option_logits(ga: GenerativeAdapter, batch: list[Cached]) -> tuple[Tensor, T
     }
     n = writes.n.new_zeros(len(batch)).index_add(0, episode_of, writes.n)
     lora = gen.lora(S, n)[name]
-    deltas = []
-    for i, c in enumerate(batch):
-        deltas.append(lora.scaling * (c.x @ lora.A[i].T) @ lora.B.T)
-    resid = torch.cat([c.resid for c in batch]) + torch.cat(deltas)
+    # each episode's questions meet its own lora_A: dW x = scaling B (lora_A x)
+    read = torch.cat([c.x @ lora.A[i].T for i, c in enumerate(batch)])
+    resid = torch.cat([c.resid for c in batch]) + lora.scaling * read @ lora.B.T
     model = ga.base_model
     logits = model.lm_head(model.model.norm(resid))
     options = torch.cat([c.options for c in batch])
