@@ -12,8 +12,9 @@ features (d = 576), random projections K to r_in = 32 / 128, and a plain dot pro
 memory's weight k_t . q) as the reference. `--query mid` takes the question's query from the
 residual after the layer's attention (what an MLP's input projections read) instead.
 
-    python experiments/diagnostics/recall_match.py [--k 16] [--episodes 16] [--window 1 4] [--query mid]   # ~2 min
-Writes results/recall_match.{json,png}.
+    python experiments/diagnostics/recall_match.py [--k 16] [--episodes 16] [--window 1 4] [--query mid]
+        [--span mean] [--out PATH]   # ~2 min a window
+Writes results/recall_match.{json,png} (--out).
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ def mid(ga: GenerativeAdapter, ids: Tensor, mask: Tensor) -> dict[int, Tensor]:
     return out
 
 
-def episode_features(ga, fmt: PromptFormat, episode, window: int, query: str = "input"):
-    """Per layer: (h̄ of every context token (N, d), h at each question's last token (Q, d));
+def episode_features(
+    ga, fmt: PromptFormat, episode, window: int, query: str = "input", span: str = "last"
+):
+    """Per layer: (h̄ of every context token (N, d), h at each question's last token, or with
+    `span` "mean" the mean of h over the question's tokens (Q, d));
     each question's gold value's first token (Q, N), the first tokens of every value the context
     gives (N,), and the token embeddings' features (N, d)."""
     c = ga.generator.config
@@ -107,7 +111,13 @@ def episode_features(ga, fmt: PromptFormat, episode, window: int, query: str = "
     for layer in gen.layers:
         h = gen.features(hidden[layer], mask)[0]
         keys = window_mean(h, mask.float(), window, 0, 1).flatten(0, 1)[flat]
-        q = gen.features(q_hidden[layer], p_mask)[0][torch.arange(len(last)), last]
+        q = gen.features(q_hidden[layer], p_mask)[0]
+        if span == "mean":  # every token of the question but the BOS the prompt starts with
+            m = p_mask.clone()
+            m[:, 0] = 0
+            q = (q * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        else:
+            q = q[torch.arange(len(last)), last]
         out[layer] = (keys.double(), q.double())
     embeddings = gen.features(hidden[0], mask)[0].flatten(0, 1)[flat].double()
     return out, first, values | first.any(0), embeddings
@@ -133,6 +143,10 @@ def main() -> int:
     p.add_argument("--window", type=int, nargs="+", default=[1, 4])
     p.add_argument("--split", default="validation")
     p.add_argument("--query", choices=["input", "mid"], default="input")
+    p.add_argument(
+        "--span", choices=["last", "mean"], default="last", help="query: last token or mean"
+    )
+    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.manual_seed(0)
     config = GeneratorConfig(
@@ -148,7 +162,9 @@ def main() -> int:
     tallies: dict[str, list[dict]] = {}
     for window in args.window:
         for episode in tqdm(episodes, desc=f"window {window}"):
-            feats, first, values, emb = episode_features(ga, fmt, episode, window, args.query)
+            feats, first, values, emb = episode_features(
+                ga, fmt, episode, window, args.query, args.span
+            )
             for layer, (keys, q) in feats.items():
                 for memory, r in cases:
                     k_, q_ = (keys, q) if r == d else (keys @ proj[r].T, q @ proj[r].T)
@@ -159,9 +175,9 @@ def main() -> int:
         name: {m: sum(f[m] for f in found) / len(found) for m in found[0]} | {"n": len(found)}
         for name, found in tallies.items()
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"k": args.k, "query": args.query, "split": args.split}
-    OUT.write_text(json.dumps(meta | {"results": results}, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"k": args.k, "query": args.query, "span": args.span, "split": args.split}
+    args.out.write_text(json.dumps(meta | {"results": results}, indent=1) + "\n")
     fig, axes = plt.subplots(2, len(args.window), figsize=(6 * len(args.window), 7), squeeze=False)
     for col, window in enumerate(args.window):
         for row, (metric, what) in enumerate(
@@ -180,7 +196,7 @@ def main() -> int:
             ax.set(ylabel=f"{what} (among the K values)")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT.with_suffix(".png"), dpi=120)
+    fig.savefig(args.out.with_suffix(".png"), dpi=120)
     for name, v in results.items():
         if name.endswith(("/2", "/6", "/10", "/14", "/18", "/22", "/26", "/29")):
             print(
