@@ -163,11 +163,19 @@ def option_logits(ga: GenerativeAdapter, batch: list[Cached]) -> tuple[Tensor, T
     # each episode's questions meet its own lora_A: dW x = scaling B (lora_A x)
     read = torch.cat([c.x @ lora.A[i].T for i, c in enumerate(batch)])
     resid = torch.cat([c.resid for c in batch]) + lora.scaling * read @ lora.B.T
+    scores, logits = first_token_logits(ga, resid, torch.cat([c.options for c in batch]))
+    return scores, logits, torch.cat([c.gold for c in batch])
+
+
+def first_token_logits(
+    ga: GenerativeAdapter, resid: Tensor, options: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The LM head's logits of the last residuals `resid` (q, d) (the last layer's output, with
+    the adapter's delta): of every option's first token (-inf where `options` is -1), and of
+    the whole vocabulary."""
     model = ga.base_model
     logits = model.lm_head(model.model.norm(resid))
-    options = torch.cat([c.options for c in batch])
-    scores = logits.gather(1, options.clamp(min=0)).masked_fill(options < 0, -math.inf)
-    return scores, logits, torch.cat([c.gold for c in batch])
+    return logits.gather(1, options.clamp(min=0)).masked_fill(options < 0, -math.inf), logits
 
 
 def losses(ga, batch: list[Cached], nll_weight: float) -> tuple[Tensor, float]:

@@ -34,7 +34,7 @@ from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fit_copy import DATA, cache_episode, last_layer_target  # noqa: E402
+from fit_copy import DATA, cache_episode, first_token_logits, last_layer_target  # noqa: E402
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import pad  # noqa: E402
@@ -71,9 +71,7 @@ def choice(ga: GenerativeAdapter, cached, pooled: Tensor) -> list[bool]:
     block = gen[name]
     q = pooled @ block.K.T
     resid = cached.resid + gen.config.scaling * (q @ N) @ block.B.T
-    logits = ga.base_model.lm_head(ga.base_model.model.norm(resid))
-    options = cached.options
-    scores = logits.gather(1, options.clamp(min=0)).masked_fill(options < 0, -torch.inf)
+    scores = first_token_logits(ga, resid, cached.options)[0]
     return (scores.argmax(1) == cached.gold).tolist()
 
 
