@@ -14,7 +14,8 @@ a mean over positions): this measures the design before building it.
     python experiments/recall/pooled_query.py [--key-layer 2 6] [--beta 30 60 120] [--episodes 64]
 
 Writes results/pooled_query.json: first-token choice among the options (validation K = 16,
-chance 12.5 %) per memory, layer and beta. (Queried by its last token instead, the built
+chance 12.5 %) per memory, layer and beta, beside the frozen LM's own (base: no context;
+prompt: the context in its prompt). (Queried by its last token instead, the built
 generator of `analytic_copy.py` gets 23.4 %.)
 """
 
@@ -40,7 +41,7 @@ from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import pad  # noqa: E402
 from genadapter.config import GeneratorConfig, KeyConfig  # noqa: E402
 from genadapter.data.episodes import Cloze, read_episodes  # noqa: E402
-from genadapter.eval.prompts import PromptFormat  # noqa: E402
+from genadapter.eval.prompts import PromptFormat, join_context  # noqa: E402
 from genadapter.generator import rms_normalize  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
 from genadapter.warm_start import copy_values  # noqa: E402
@@ -58,6 +59,24 @@ def pooled_features(ga: GenerativeAdapter, fmt: PromptFormat, episode, layer: in
     mask = mask.clone()
     mask[:, 0] = 0
     return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def reference_choice(ga: GenerativeAdapter, fmt: PromptFormat, episode, cached) -> dict:
+    """First-token choice of the frozen LM on the same clozes: with no context (base) and with
+    the whole context in its prompt (prompt), as every method's prompt is formatted."""
+    base = first_token_logits(ga, cached.resid, cached.options)[0]
+    context = join_context(list(episode.context))
+    qas = [qa for qa in episode.qas if qa.options]
+    prompt = []
+    for qa, options in zip(qas, cached.options, strict=True):
+        ids = torch.tensor([fmt.prompt_ids(Cloze(qa.question), context)])
+        logits = ga.base_model(input_ids=ids).logits[0, -1]
+        prompt.append(logits[options.clamp(min=0)].masked_fill(options < 0, -torch.inf))
+    return {
+        "base": (base.argmax(1) == cached.gold).tolist(),
+        "prompt": (torch.stack(prompt).argmax(1) == cached.gold).tolist(),
+    }
 
 
 @torch.no_grad()
@@ -104,6 +123,15 @@ def main() -> int:
                     (cache_episode(ga, fmt, e), pooled_features(ga, fmt, e, layer))
                     for e in tqdm(episodes, desc=f"reading, keys from layer {layer}")
                 ]
+                if "base" not in results:
+                    refs = [
+                        reference_choice(ga, fmt, e, c)
+                        for e, (c, _) in zip(episodes, data, strict=True)
+                    ]
+                    for name in ("base", "prompt"):
+                        hits = [h for r in refs for h in r[name]]
+                        results[name] = {"choice": sum(hits) / len(hits), "clozes": len(hits)}
+                        tqdm.write(f"{name}: {results[name]['choice']:.3f}")
             for beta in args.beta:
                 copy_values(ga, beta)
                 hits = [h for cached, pooled in data for h in choice(ga, cached, pooled)]
