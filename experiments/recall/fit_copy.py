@@ -145,11 +145,9 @@ def cache(ga, episodes, desc: str, path: Path) -> list[Cached]:
     return data
 
 
-def option_logits(ga: GenerativeAdapter, batch: list[Cached]) -> tuple[Tensor, Tensor, Tensor]:
-    """The adapted model's first-token logits of every option (q, n_options) and of the whole
-    vocabulary (q, V), and the gold index (q,), for a batch of cached episodes."""
-    gen = ga.generator
-    name = last_layer_target(ga)
+def episode_states(gen, batch: list[Cached]) -> tuple[dict[str, Tensor], Tensor]:
+    """The state (S, n) each cached episode's context writes, one row an episode, as `read`
+    sums its chunks."""
     hidden = {k: torch.cat([c.hidden[k] for c in batch]).float() for k in gen.feature_layers}
     mask = torch.cat([c.mask for c in batch])
     episode_of = torch.cat([torch.full((len(c.mask),), i) for i, c in enumerate(batch)])
@@ -158,8 +156,15 @@ def option_logits(ga: GenerativeAdapter, batch: list[Cached]) -> tuple[Tensor, T
         k: s.new_zeros(len(batch), *s.shape[1:]).index_add(0, episode_of, s)
         for k, s in writes.S.items()
     }
-    n = writes.n.new_zeros(len(batch)).index_add(0, episode_of, writes.n)
-    lora = gen.lora(S, n)[name]
+    return S, writes.n.new_zeros(len(batch)).index_add(0, episode_of, writes.n)
+
+
+def option_logits(ga: GenerativeAdapter, batch: list[Cached]) -> tuple[Tensor, Tensor, Tensor]:
+    """The adapted model's first-token logits of every option (q, n_options) and of the whole
+    vocabulary (q, V), and the gold index (q,), for a batch of cached episodes."""
+    gen = ga.generator
+    name = last_layer_target(ga)
+    lora = gen.lora(*episode_states(gen, batch))[name]
     # each episode's questions meet its own lora_A: dW x = scaling B (lora_A x)
     read = torch.cat([c.x @ lora.A[i].T for i, c in enumerate(batch)])
     resid = torch.cat([c.resid for c in batch]) + lora.scaling * read @ lora.B.T
@@ -224,6 +229,7 @@ class TiedQueries:
         self.R = torch.linalg.lstsq(block.K.detach().double(), block.A.detach().double())
         self.R = self.R.solution.to(block.A.dtype)  # exact: A = K R after fit_queries
         del block.A  # a tensor computed from K from now on
+        block.A = (self.K @ self.R).detach()
 
     def __enter__(self):
         self.block.A = self.K @ self.R
@@ -305,8 +311,6 @@ def main() -> int:
     )
     rng = random.Random(args.seed)
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "read_seconds": read_seconds}
-    with tied:
-        pass
     log["choice"] = {0: choices(ga, sets)}
     log["train"] = []
     t0 = time.perf_counter()
@@ -322,9 +326,8 @@ def main() -> int:
         log["train"].append((step, loss.item(), acc))
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
         if step % args.eval_every == 0 or step == args.steps:
-            with tied:
-                pass
-            log["choice"][step] = choices(ga, sets)
+            with tied:  # A = K R of the K just stepped
+                log["choice"][step] = choices(ga, sets)
             tqdm.write(f"step {step}: first-token choice {log['choice'][step]}")
     log["fit_seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

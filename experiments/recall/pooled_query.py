@@ -35,12 +35,19 @@ from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fit_copy import DATA, cache_episode, first_token_logits, last_layer_target  # noqa: E402
+from fit_copy import (  # noqa: E402
+    DATA,
+    cache_episode,
+    episode_states,
+    first_token_logits,
+    last_layer_target,
+)
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import pad  # noqa: E402
 from genadapter.config import GeneratorConfig, KeyConfig  # noqa: E402
 from genadapter.data.episodes import Cloze, read_episodes  # noqa: E402
+from genadapter.eval.batched import score_rows  # noqa: E402
 from genadapter.eval.prompts import PromptFormat, join_context  # noqa: E402
 from genadapter.generator import rms_normalize  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
@@ -68,14 +75,19 @@ def reference_choice(ga: GenerativeAdapter, fmt: PromptFormat, episode, cached) 
     base = first_token_logits(ga, cached.resid, cached.options)[0]
     context = join_context(list(episode.context))
     qas = [qa for qa in episode.qas if qa.options]
-    prompt = []
-    for qa, options in zip(qas, cached.options, strict=True):
-        ids = torch.tensor([fmt.prompt_ids(Cloze(qa.question), context)])
-        logits = ga.base_model(input_ids=ids).logits[0, -1]
-        prompt.append(logits[options.clamp(min=0)].masked_fill(options < 0, -torch.inf))
+    prompts = [fmt.prompt_ids(Cloze(qa.question), context) for qa in qas]
+    # one scoring pass: the context they share is read once (eval.batched.score_rows)
+    options = cached.options.tolist()
+    rows = [
+        (ids + [o], 1) for ids, opts in zip(prompts, options, strict=True) for o in opts if o >= 0
+    ]
+    logprobs = iter(score_rows(ga.base_model, rows))
+    prompt = cached.options.new_full(cached.options.shape, -torch.inf, dtype=torch.float)
+    for i, j in (cached.options >= 0).nonzero().tolist():
+        prompt[i, j] = next(logprobs)[0]
     return {
         "base": (base.argmax(1) == cached.gold).tolist(),
-        "prompt": (torch.stack(prompt).argmax(1) == cached.gold).tolist(),
+        "prompt": (prompt.argmax(1) == cached.gold).tolist(),
     }
 
 
@@ -84,9 +96,7 @@ def choice(ga: GenerativeAdapter, cached, pooled: Tensor) -> list[bool]:
     """First-token choice of one episode's clozes, queried by K times their `pooled` features."""
     gen = ga.generator
     name = last_layer_target(ga)
-    writes = gen.write({k: v.float() for k, v in cached.hidden.items()}, cached.mask)
-    S = {k: s.sum(0, keepdim=True) for k, s in writes.S.items()}
-    N = gen.normalized(S, writes.n.sum()[None])[name][0]  # (r_in, r)
+    N = gen.normalized(*episode_states(gen, [cached]))[name][0]  # (r_in, r)
     block = gen[name]
     q = pooled @ block.K.T
     resid = cached.resid + gen.config.scaling * (q @ N) @ block.B.T
