@@ -84,6 +84,35 @@ class KeyConfig:
                 raise ValueError(f"KeyConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
+@dataclass
+class QueryConfig:
+    """Where a target's query comes from: the read side's counterpart of KeyConfig.
+
+    By default the query at position s is A x_s, the target's own input: the adapter is then a
+    LoRA (mergeable, exportable). A pooled query is A h̃_s, h̃_s the mean of RMS-normalised layer
+    features over the row's last `window` positions: a question is matched by all of its tokens,
+    as keys are made. It is computed in the side path (genadapter/queries.py), so it is no
+    weight delta: merge and PEFT export refuse it.
+    """
+
+    # the query reads the mean feature of each position's last `window` positions (itself
+    # included); 1 with no `layer` = the LoRA query A x
+    window: int = 1
+    # features from this decoder layer's input (HF hidden_states[layer]) instead of the
+    # target's own layer; at most the lowest target's layer, which runs after it
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("QueryConfig", "window", self.window, 1)
+        if self.layer is not None:
+            _check_int("QueryConfig", "layer", self.layer, 0)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether queries read pooled layer features (A: r_in x hidden) instead of x."""
+        return self.window > 1 or self.layer is not None
+
+
 # the flat names of KeyConfig's fields before it existed (saved generators, older YAML)
 LEGACY_KEY_FIELDS = {"key_window": "window", "key_lookahead": "lookahead", "key_gate": "gate"}
 
@@ -120,6 +149,7 @@ class GeneratorConfig:
     decay: float = 1.0
     chunk_len: int = 128
     keys: KeyConfig = field(default_factory=KeyConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
     # what the state stores and how it is read out (genadapter/memory.py): "linear" sums
     # k_t v_t^T; "ridge" also keeps H = sum_t k_t k_t^T and solves (H + lam_bar I)^-1 G
     memory: str = "linear"
@@ -143,6 +173,10 @@ class GeneratorConfig:
             self.keys = strict_from_dict(KeyConfig, self.keys, "KeyConfig fields")
         if not isinstance(self.keys, KeyConfig):
             raise ValueError(f"GeneratorConfig.keys must be a KeyConfig, got {self.keys!r}")
+        if isinstance(self.queries, dict):
+            self.queries = strict_from_dict(QueryConfig, self.queries, "QueryConfig fields")
+        if not isinstance(self.queries, QueryConfig):
+            raise ValueError(f"GeneratorConfig.queries must be a QueryConfig, got {self.queries!r}")
         if self.memory not in MEMORIES:
             raise ValueError(f"memory must be one of {MEMORIES}, got {self.memory!r}")
         for name in ("value_layer", "key_layer"):
@@ -170,8 +204,11 @@ class GeneratorConfig:
             self.layers = list(self.layers)
 
     def replace(self, **changes: Any) -> GeneratorConfig:
-        """A copy with `changes`; `keys` may be a partial dict, the flat `key_*` names work too."""
+        """A copy with `changes`; `keys` and `queries` may be partial dicts, the flat `key_*`
+        names work too."""
         changes = upgrade_legacy_fields(changes, self.keys)
+        if isinstance(changes.get("queries"), dict):
+            changes["queries"] = dataclasses.replace(self.queries, **changes["queries"])
         return dataclasses.replace(self, **changes)
 
     @property

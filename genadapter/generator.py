@@ -12,6 +12,8 @@ For a target module with frozen weight W (out x in) in decoder layer l (docs/met
     S   = sum_t k_t v_t^T               the state, r_in x r                (Writes.S)
           ("ridge" memory: [G | H], H = sum_t k_t k_t^T, read out as M = (H + lam_bar I)^-1 G)
     dW  = (alpha / r) B N(M)^T A        a LoRA: lora_A = N(M)^T A, lora_B = B   (Generator.lora)
+          (pooled queries, QueryConfig: the side path adds (alpha / r) B N(M)^T A h̃_s instead,
+          h̃_s a window mean of layer features: genadapter/queries.py)
 
 `Generator` holds every trainable parameter of the system and nothing else.
 """
@@ -78,7 +80,8 @@ class Writes:
 
 
 class ModuleGenerator(nn.Module):
-    """Projections of one target module: A (r_in x in), K (r_in x d), V (r x d), B (out x r),
+    """Projections of one target module: A (r_in x in; r_in x d for pooled queries), K (r_in x d),
+    V (r x d), B (out x r),
     with a write gate G (d), and with a learned ridge lambda its log, `log_lambda`."""
 
     # parameters that start at a no-op (a new gate is open: G = 0; a learned lambda starts at
@@ -96,7 +99,8 @@ class ModuleGenerator(nn.Module):
             std = config.init_std if config.init_std is not None else cols**-0.5
             return nn.Parameter(torch.randn(rows, cols, dtype=dtype) * std)
 
-        self.A = init(r_in, target.in_features)
+        # a pooled query reads layer features (genadapter/queries.py), a LoRA query the input x
+        self.A = init(r_in, hidden_size if config.queries.pooled else target.in_features)
         self.K = init(r_in, hidden_size)
         self.V = init(r, hidden_size)
         self.B = nn.Parameter(torch.zeros(target.out_features, r, dtype=dtype))

@@ -25,6 +25,7 @@ from .chunking import cut, pad
 from .config import GeneratorConfig
 from .devices import to_device
 from .generator import Generator, LoRA, ModuleGenerator, Writes
+from .queries import PooledFeatures
 from .state import AdapterState, StateMismatchError
 from .targets import decoder_layers, find_targets
 
@@ -110,6 +111,8 @@ class GenerativeAdapter(nn.Module):
         if fixed := {"r", "r_in", "base_model"} & overrides.keys():
             raise ValueError(f"cannot override {sorted(fixed)} of a trained generator")
         config = saved.replace(**overrides)
+        if config.queries.pooled != saved.queries.pooled:  # A reads x or pooled features
+            raise ValueError("cannot switch a trained generator's queries between LoRA and pooled")
         if base_model is None:
             if not config.base_model:
                 raise ValueError(f"{path} names no base model; pass base_model=")
@@ -418,22 +421,44 @@ class GenerativeAdapter(nn.Module):
         backward after the block has closed, re-enters the side paths it ran with."""
         handles, previous = [], self.active_lora
         self.active_lora = lora
+        pooled, capture = self._pooled_features()
+        query_layer = self.config.queries.layer
         try:
-            for name in self.generator.names:
-                hook = self._side_path(name, lora[name], queries)
-                handles.append(self._modules_by_name[name].register_forward_hook(hook))
-            yield
+            for t in self.generator.targets:
+                at = t.layer if query_layer is None else query_layer
+                hook = self._side_path(t.name, lora[t.name], queries, pooled, at)
+                handles.append(self._modules_by_name[t.name].register_forward_hook(hook))
+            with capture:
+                yield
         finally:
             for h in handles:
                 h.remove()
             self.active_lora = previous
 
-    def _side_path(self, name: str, lora: LoRA, queries: dict[str, Tensor] | None):
-        """The forward hook that adds one target's per-row LoRA to its output."""
+    def _pooled_features(self) -> tuple[PooledFeatures | None, contextlib.AbstractContextManager]:
+        """With pooled queries, what makes them (`queries.PooledFeatures`) and its hooks."""
+        q = self.config.queries
+        if not q.pooled:
+            return None, contextlib.nullcontext()
+        pooled = PooledFeatures(q.window, self.generator.dtype)
+        layers = sorted({t.layer for t in self.generator.targets} if q.layer is None else {q.layer})
+        blocks = self._modules_by_name[self._layers_name]
+        return pooled, pooled.hooked(self.base_model.base_model, blocks, layers)
+
+    def _side_path(
+        self,
+        name: str,
+        lora: LoRA,
+        queries: dict[str, Tensor] | None,
+        pooled: PooledFeatures | None = None,
+        layer: int = 0,
+    ):
+        """The forward hook that adds one target's per-row LoRA to its output; with `pooled`
+        queries, the LoRA reads the pooled features of `layer` instead of its input."""
         B_scaled = lora.B.T * lora.scaling  # (r, out), shared by every row
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            x, A = args[0], lora.A
+            x, A = args[0] if pooled is None else pooled.now[layer], lora.A
             if x.shape[0] != A.shape[0]:
                 if x.shape[0] % A.shape[0]:
                     raise ValueError(
@@ -525,6 +550,9 @@ class GenerativeAdapter(nn.Module):
         ctx = self.adapted(state) if state is not None else contextlib.nullcontext()
         if state is not None:
             self.check_state(state, ids.shape[0])
+            beams = kwargs.get("num_beams", self.base_model.generation_config.num_beams)
+            if self.config.queries.pooled and (beams or 1) > 1:
+                raise ValueError("beam search reorders rows under a pooled query's window")
         with ctx:
             out = self.base_model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs
@@ -545,7 +573,14 @@ class GenerativeAdapter(nn.Module):
         return self.generator.lora(state.S, state.n)
 
     def lora(self, state: AdapterState, row: int | None = None) -> dict[str, LoRA]:
-        """{module name: LoRA} of one state row (`row` may be left out for a one-row state)."""
+        """{module name: LoRA} of one state row (`row` may be left out for a one-row state): the
+        weight delta `delta_weights`, `merged` and `export_lora` use."""
+        if self.config.queries.pooled:
+            raise ValueError(
+                "this generator's queries are pooled (GeneratorConfig.queries): its side path reads "
+                "a window of layer features, not the module's input, so it is no weight delta to "
+                "merge or export. Apply it with adapted(state)."
+            )
         self.check_state(state)
         if row is None:
             if state.batch_size != 1:

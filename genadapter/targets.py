@@ -36,9 +36,20 @@ def find_targets(model: nn.Module, config: GeneratorConfig) -> list[Target]:
     suffixes = config.resolve_targets(model.config.model_type)
     layers_name, n_layers = decoder_layers(model)
     wanted_layers = set(config.resolve_layers(n_layers))
-    for name, layer in (("value_layer", config.value_layer), ("key_layer", config.key_layer)):
+    named = (
+        ("value_layer", config.value_layer),
+        ("key_layer", config.key_layer),
+        ("queries.layer", config.queries.layer),
+    )
+    for name, layer in named:
         if layer is not None and layer >= n_layers:
             raise ValueError(f"{name} {layer} out of range for a model with {n_layers} layers")
+    query_layer = config.queries.layer
+    if query_layer is not None and query_layer > min(wanted_layers):
+        raise ValueError(
+            f"queries.layer {query_layer} is above the lowest adapted layer {min(wanted_layers)}: "
+            "a query's features must be made before the targets it queries run"
+        )
     pattern = re.compile(rf"^{re.escape(layers_name)}\.(\d+)\.")
     all_names = [name for name, _ in model.named_modules() if name]
     targets, matched = [], set()

@@ -80,10 +80,14 @@ def score_rows(
     rows: list[tuple[list[int], int]],
     max_batch_tokens: int = MAX_BATCH_TOKENS,
     prefixes: PrefixCache | None = None,
+    rows_apart: bool = False,
 ) -> list[Tensor]:
     """Log-probabilities of the last `n_target` tokens of each row `(ids, n_target)` under
     teacher forcing, computed for all rows together: the prefix every row shares runs once,
-    the rest of the rows follow it packed into one sequence (`packed_logprobs`)."""
+    the rest of the rows follow it packed into one sequence (`packed_logprobs`).
+
+    `rows_apart`: every row runs whole, right-padded, with no shared prefix or packing (for
+    side paths that read a row's positions, like pooled queries)."""
     if any(not 0 < n < len(ids) for ids, n in rows):
         raise ValueError("every row needs 0 < n_target < its length")
     if not rows:
@@ -91,12 +95,12 @@ def score_rows(
     ids_list = [ids for ids, _ in rows]
     # every suffix keeps a prompt token, so each target is predicted inside its suffix
     shared = shared_prefix_length(ids_list, min(len(i) - n for i, n in rows) - 1)
-    shared = shared if len(rows) > 1 and shared >= MIN_SHARED else 0
+    shared = shared if len(rows) > 1 and shared >= MIN_SHARED and not rows_apart else 0
     device = next(model.parameters()).device
     cache = (prefixes or PrefixCache()).get(model, ids_list[0][:shared], device) if shared else None
     suffixes = [(ids[shared:], n) for ids, n in rows]
     out: list[Tensor | None] = [None] * len(rows)
-    packed = packs_rows(model)
+    packed = packs_rows(model) and not rows_apart
     for group in _batches([len(s) for s, _ in suffixes], max_batch_tokens, 0 if packed else shared):
         chosen = [suffixes[i] for i in group]
         if packed:
@@ -216,16 +220,18 @@ def generate_rows(
     stop: list[int],
     pad_id: int,
     prefixes: PrefixCache | None = None,
+    rows_apart: bool = False,
 ) -> list[list[int]]:
     """Greedy continuations (new token ids, up to and without the stop token) of each prompt,
     decoded together. The longest prefix all prompts share (for prompt methods: the context)
     runs once and its KV cache serves every row; the rest of each prompt follows it
-    left-padded (masked out, positions explicit), so every row's last token ends the batch."""
+    left-padded (masked out, positions explicit), so every row's last token ends the batch.
+    `rows_apart`: no shared prefix, each prompt runs whole (as `score_rows`)."""
     if not prompts:
         return []
     device = next(model.parameters()).device
     shared = shared_prefix_length(prompts, min(len(p) for p in prompts) - 1)
-    shared = shared if len(prompts) > 1 and shared >= MIN_SHARED else 0
+    shared = shared if len(prompts) > 1 and shared >= MIN_SHARED and not rows_apart else 0
     R, cache_name = len(prompts), cache_argument(model)
     cache = None
     if shared:

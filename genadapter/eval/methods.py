@@ -56,9 +56,10 @@ def context_window(model: nn.Module) -> int | None:
 class HFLM:
     """A plain HF causal LM (the base model, possibly with test-time parameters attached)."""
 
-    def __init__(self, model: nn.Module, tokenizer) -> None:
+    def __init__(self, model: nn.Module, tokenizer, rows_apart: bool = False) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.prefixes = PrefixCache()  # the context's KV cache, from answering to scoring
+        self.rows_apart = rows_apart  # each row runs whole (`batched.score_rows`)
 
     def applied(self) -> contextlib.AbstractContextManager:
         """The context its forwards run in (nothing to add for a plain LM)."""
@@ -67,7 +68,7 @@ class HFLM:
     def score(self, rows: list[tuple[list[int], int]]) -> list[torch.Tensor]:
         """Log-probs of each row's last n_target tokens (`batched.score_rows`)."""
         with self.applied():
-            return score_rows(self.model, rows, prefixes=self.prefixes)
+            return score_rows(self.model, rows, prefixes=self.prefixes, rows_apart=self.rows_apart)
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, stop: list[int]
@@ -75,7 +76,9 @@ class HFLM:
         """(text, new tokens) of the greedy continuation of each prompt, decoded together."""
         pad = stop[0] if stop else (self.tokenizer.pad_token_id or 0)
         with self.applied():
-            new = generate_rows(self.model, prompts, max_new_tokens, stop, pad, self.prefixes)
+            new = generate_rows(
+                self.model, prompts, max_new_tokens, stop, pad, self.prefixes, self.rows_apart
+            )
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [(t, len(n) + (len(n) < max_new_tokens)) for t, n in zip(texts, new, strict=True)]
 
@@ -85,7 +88,8 @@ class AdapterLM(HFLM):
     the state's one row serves every row of a batch)."""
 
     def __init__(self, ga, state) -> None:
-        super().__init__(ga.base_model, ga.tokenizer)
+        # a pooled query reads a row's own positions: no shared prefix cache, no packed rows
+        super().__init__(ga.base_model, ga.tokenizer, rows_apart=ga.config.queries.pooled)
         self.ga, self.state = ga, state
 
     def applied(self) -> contextlib.AbstractContextManager:

@@ -134,6 +134,11 @@ class Scheduler:
         gather_ms: float = 5.0,
         max_waiting: int = 256,
     ):
+        if ga.config.queries.pooled:  # its rows are merged and dropped under the KV cache
+            raise ValueError(
+                "the server does not yet carry pooled query windows (GeneratorConfig.queries) "
+                "across its batches: serve a generator with LoRA queries"
+            )
         self.ga, self.lock = ga, lock
         self.tokenizer = ga.tokenizer
         self.max_batch, self.gather_s, self.max_waiting = max_batch, gather_ms / 1000, max_waiting

@@ -94,6 +94,11 @@ class GeneratorPretraining(L.LightningModule):
             cfg.base_model = base_model
             torch.manual_seed(seed)  # the generator's initial weights depend only on the seed
             self.ga = GenerativeAdapter.from_base(model, cfg, tokenizer=tokenizer)
+        if gradient_checkpointing and self.ga.config.queries.pooled:
+            raise ValueError(
+                "gradient_checkpointing recomputes layers outside the forward that pooled their "
+                "queries' features: train a generator with pooled queries without it"
+            )
         if trainable is not None:  # e.g. [G, B]: a warm start's match and values kept fixed
             self._freeze_all_but(trainable)
         # warm starts (genadapter/warm_start.py; a resumed run's checkpoint overrides them)

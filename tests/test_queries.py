@@ -1,0 +1,159 @@
+"""Pooled queries (GeneratorConfig.queries): the side path reads a window mean of layer features.
+
+Checked against a float64 recomputation from the frozen LM's own hidden states, across KV-cache
+decoding and padding, and refused wherever a row's positions are unknown or a weight delta is
+needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_generator, tiny_model
+from transformers import DynamicCache
+
+from genadapter import GenerativeAdapter, GeneratorConfig
+from genadapter.compat import cache_argument
+from genadapter.eval.batched import generate_rows, score_rows
+from genadapter.serve.scheduler import Scheduler
+
+CACHE = cache_argument(tiny_model())
+
+
+def make(arch: str = "llama", memory: str = "ridge", layers=None, **queries) -> GenerativeAdapter:
+    config = GeneratorConfig(r=4, r_in=8, memory=memory, layers=layers, queries=queries)
+    ga = GenerativeAdapter.from_base(tiny_model(arch, init_range=0.3), config)
+    randomize_generator(ga, std=2.0)
+    return ga
+
+
+def reference_logits(ga: GenerativeAdapter, state, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one unpadded row recomputed in float64: every pooled feature as an explicit
+    mean over its window of the frozen LM's own hidden states, added through plain hooks."""
+    q = ga.config.queries
+    hidden = ga.base_model(ids, output_hidden_states=True).hidden_states
+    N = ga.generator.normalized(state.S, state.n)
+    handles = []
+
+    def add(target):
+        layer = target.layer if q.layer is None else q.layer
+        h = hidden[layer][0].double()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        pooled = torch.stack([h[max(0, s - q.window + 1) : s + 1].mean(0) for s in range(len(h))])
+        block = ga.generator[target.name]
+        delta = ga.config.scaling * pooled @ block.A.double().T @ N[target.name][0].double()
+        delta = delta @ block.B.double().T
+        return lambda module, args, out: out + delta.to(out.dtype)[None]
+
+    for t in ga.generator.targets:
+        handles.append(ga._modules_by_name[t.name].register_forward_hook(add(t)))
+    try:
+        return ga.base_model(ids).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "window,layer,layers",
+    # with no query layer each target pools its own layer's input, which lower targets change:
+    # the reference (the frozen LM's features) then holds for one adapted layer
+    [(4, 0, None), (1, 1, [1, 2]), (50, 0, None), (3, None, [2])],
+)
+def test_pooled_side_path_matches_a_float64_recomputation(arch, window, layer, layers):
+    ga = make(arch, layers=layers, window=window, layer=layer)
+    g = torch.Generator().manual_seed(1)
+    state = ga.read(torch.randint(2, 128, (1, 40), generator=g))
+    ids = torch.randint(2, 128, (1, 12), generator=g)
+    got = ga(ids, state=state).logits[0]
+    assert (got - ga.base_model(ids).logits[0]).abs().max() > 1e-2  # the state does something
+    torch.testing.assert_close(got, reference_logits(ga, state, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_with_a_cache_equals_the_full_forward():
+    ga = make(layers=[1, 2], window=6, layer=1)
+    state = ga.read(torch.randint(2, 128, (1, 30)))
+    ids = torch.randint(2, 128, (1, 14))
+    with ga.adapted(state):
+        full = ga.base_model(ids).logits[0]
+        cache, steps = DynamicCache(), []
+        for start, end in [(0, 5), (5, 6), (6, 7), (7, 11), (11, 14)]:
+            out = ga.base_model(ids[:, start:end], use_cache=True, **{CACHE: cache})
+            steps.append(out.logits[0])
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_and_padded_rows_equal_each_row_alone():
+    """HF generate (KV cache, left padding) and the eval's batched rows give each row's own
+    greedy continuation and scores, as if it ran alone and whole."""
+    ga = make(window=4, layer=0)
+    state = ga.read(torch.randint(2, 128, (1, 30)))
+    prompts = [[5, 9, 33, 12, 7], [40, 41], [3, 3, 90, 17, 18, 19, 20]]
+    with ga.adapted(state):
+        together = generate_rows(ga.base_model, prompts, 6, [], 0, rows_apart=True)
+        alone = [generate_rows(ga.base_model, [p], 6, [], 0)[0] for p in prompts]
+        rows = [(p + a, len(a)) for p, a in zip(prompts, alone, strict=True)]
+        scores = score_rows(ga.base_model, rows, rows_apart=True)
+        full = [ga.base_model(torch.tensor([ids])).logits[0].log_softmax(-1) for ids, _ in rows]
+    assert together == alone
+    for (ids, n), got, lp in zip(rows, scores, full, strict=True):
+        want = lp[len(ids) - n - 1 : -1].gather(1, torch.tensor(ids[-n:])[:, None])[:, 0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    texts = ga.generate(torch.tensor([prompts[0]]), state=state, max_new_tokens=6)
+    assert texts[0].tolist() == alone[0]
+
+
+def test_rows_of_unknown_positions_are_refused():
+    ga = make(window=4, layer=0)
+    state = ga.read(torch.randint(2, 128, (1, 30)))
+    ids = torch.randint(2, 128, (1, 8))
+    outside = getattr(ga.base_model(ids, use_cache=True), CACHE)  # made outside the block
+    with ga.adapted(state), pytest.raises(RuntimeError, match="KV cache made within"):
+        ga.base_model(ids[:, :1], use_cache=True, **{CACHE: outside})
+    packed = torch.zeros(1, 1, 8, 8)
+    with ga.adapted(state), pytest.raises(ValueError, match="2-D attention mask"):
+        ga.base_model(ids, attention_mask=packed)
+    with pytest.raises(ValueError, match="beam search"):
+        ga.generate(ids, state=state, max_new_tokens=2, num_beams=2)
+
+
+def test_a_pooled_generator_is_no_weight_delta(tmp_path):
+    ga = make(window=4)
+    state = ga.read(torch.randint(2, 128, (1, 20)))
+    for use in (
+        lambda: ga.delta_weights(state),
+        lambda: ga.export_lora(state, tmp_path / "lora"),
+        lambda: ga.merged(state).__enter__(),
+    ):
+        with pytest.raises(ValueError, match="no weight delta"):
+            use()
+    with pytest.raises(ValueError, match="pooled query windows"):
+        Scheduler(ga, lock=None)
+
+
+def test_config_round_trip_and_shapes(tmp_path):
+    ga = make(layers=[1, 2], window=8, layer=1)
+    down = next(t for t in ga.generator.targets if t.name.endswith("down_proj"))
+    assert down.in_features != ga.generator.hidden_size  # a LoRA's A would read 64 features
+    for t in ga.generator.targets:
+        assert ga.generator[t.name].A.shape == (8, ga.generator.hidden_size)
+    ga.save_pretrained(tmp_path / "g")
+    back = GenerativeAdapter.from_pretrained(tmp_path / "g", base_model=ga.base_model)
+    assert back.config.queries == ga.config.queries
+    state = ga.read(torch.randint(2, 128, (1, 20)))
+    ids = torch.randint(2, 128, (1, 6))
+    torch.testing.assert_close(back(ids, state=state).logits, ga(ids, state=state).logits)
+    wider = GenerativeAdapter.from_pretrained(
+        tmp_path / "g", base_model=ga.base_model, queries={"window": 2}
+    )
+    assert wider.config.queries.layer == 1 and wider.config.queries.window == 2
+    with pytest.raises(ValueError, match="between LoRA and pooled"):
+        GenerativeAdapter.from_pretrained(
+            tmp_path / "g", base_model=ga.base_model, queries={"window": 1, "layer": None}
+        )
+    with pytest.raises(ValueError, match="above the lowest adapted layer"):
+        GenerativeAdapter.from_base(
+            ga.base_model, GeneratorConfig(layers=[1], queries={"layer": 2})
+        )
+    with pytest.raises(ValueError, match="QueryConfig.window"):
+        GeneratorConfig(queries={"window": 0})
