@@ -166,9 +166,18 @@ class Generator(nn.Module):
             {module_key(t.name): ModuleGenerator(t, hidden_size, config, dtype) for t in targets}
         )
         self.layers = sorted({t.layer for t in targets})
-        # the layers whose features a read needs: the targets' own, the values' and the keys'
+        # the layers whose features a read needs: the values' and the keys', and the targets'
+        # own unless values and keys come from elsewhere and no gate reads them (a read then
+        # stops below the targets: `context_features`)
+        self.reads_own_layer = (
+            config.keys.gate or config.value_layer is None or config.key_layer is None
+        )
         self.feature_layers = sorted(
-            {*self.layers, *_given(config.value_layer), *_given(config.key_layer)}
+            {
+                *(self.layers if self.reads_own_layer else ()),
+                *_given(config.value_layer),
+                *_given(config.key_layer),
+            }
         )
         self._fingerprint_cache: tuple[tuple, str] | None = None
 
@@ -214,7 +223,9 @@ class Generator(nn.Module):
             None if c.key_layer is None else self.features(hidden_states[c.key_layer], mask)[1]
         )
         for layer in self.layers:
-            h, h_key = self.features(hidden_states[layer], mask)
+            h, h_key = (
+                self.features(hidden_states[layer], mask) if self.reads_own_layer else (None, None)
+            )
             values = h if shared_values is None else shared_values
             h_key = h_key if shared_keys is None else shared_keys
             for t in (t for t in self.targets if t.layer == layer):

@@ -76,8 +76,13 @@ def target_inputs(ga, ids: Tensor, mask: Tensor) -> tuple[dict[str, Tensor], tup
 @torch.no_grad()
 def fit_queries(ga, texts: list[str], max_chunks: int = 64, batch: int = 16) -> dict[str, float]:
     """Set every target's A to K R (see the module docstring) from `texts` read in the
-    generator's chunks (at most `max_chunks`); returns each target's R². B stays as it is."""
+    generator's chunks (at most `max_chunks`); returns each target's R². B stays as it is.
+
+    Pooled queries (GeneratorConfig.queries) read the features keys are made of: A = K, no
+    text needed (`tie_queries`)."""
     gen, tok = ga.generator, ga.tokenizer
+    if gen.config.queries.pooled:
+        return tie_queries(ga)
     c = gen.config
     chunks = [
         ids for t in texts for ids in cut(tok(t, add_special_tokens=False).input_ids, c.chunk_len)
@@ -104,6 +109,25 @@ def fit_queries(ga, texts: list[str], max_chunks: int = 64, batch: int = 16) -> 
         key_layer = target.layer if c.key_layer is None else c.key_layer
         R, fits[target.name] = regression(torch.cat(xs[target.name]), torch.cat(ys[key_layer]))
         set_queries(gen[target.name], R)
+    return fits
+
+
+@torch.no_grad()
+def tie_queries(ga) -> dict[str, float]:
+    """A = K for every target with pooled queries from the layer its keys come from: a
+    question's query is the key its window of tokens would write (R = I, R² 1 each)."""
+    c = ga.generator.config
+    fits = {}
+    for t in ga.generator.targets:
+        key_layer = t.layer if c.key_layer is None else c.key_layer
+        query_layer = t.layer if c.queries.layer is None else c.queries.layer
+        if key_layer != query_layer:
+            raise ValueError(
+                f"queries from layer {query_layer} and keys from layer {key_layer} of {t.name} "
+                "cannot be tied: set queries.layer to the key layer"
+            )
+        set_queries(ga.generator[t.name], torch.eye(ga.generator.hidden_size, dtype=torch.float64))
+        fits[t.name] = 1.0
     return fits
 
 

@@ -104,7 +104,9 @@ def test_values_or_keys_from_another_layer_mean_another_state():
     assert embedded.generator.fingerprint() != own.generator.fingerprint()
     torch.manual_seed(0)
     keyed = GenerativeAdapter.from_base(base, cfg.replace(key_layer=1))
-    assert keyed.generator.feature_layers == [0, 1, 2]
+    assert keyed.generator.feature_layers == [0, 1]  # the read stops below the target's layer
+    gated = GenerativeAdapter.from_base(base, cfg.replace(key_layer=1, keys={"gate": True}))
+    assert gated.generator.feature_layers == [0, 1, 2]  # the gate reads the target's layer
     assert keyed.generator.fingerprint() != embedded.generator.fingerprint()
     with pytest.raises(ValueError, match="key_layer 5 out of range"):
         GenerativeAdapter.from_base(base, cfg.replace(key_layer=5))

@@ -157,3 +157,16 @@ def test_config_round_trip_and_shapes(tmp_path):
         )
     with pytest.raises(ValueError, match="QueryConfig.window"):
         GeneratorConfig(queries={"window": 0})
+
+
+def test_pooled_queries_start_as_the_keys_of_their_layer(smollm2_tokenizer):
+    from genadapter.warm_start import fit_queries
+
+    config = GeneratorConfig(r=4, r_in=8, layers=[1, 2], key_layer=1, queries={"layer": 1})
+    ga = GenerativeAdapter.from_base(tiny_model(), config, tokenizer=smollm2_tokenizer)
+    assert fit_queries(ga, []) == {name: 1.0 for name in ga.generator.names}
+    for name in ga.generator.names:
+        torch.testing.assert_close(ga.generator[name].A, ga.generator[name].K)
+    untied = GenerativeAdapter.from_base(tiny_model(), config.replace(key_layer=0))
+    with pytest.raises(ValueError, match="cannot be tied"):
+        fit_queries(untied, [])

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import cut, pad  # noqa: E402
-from genadapter.config import GeneratorConfig, KeyConfig  # noqa: E402
+from genadapter.config import GeneratorConfig, KeyConfig, QueryConfig  # noqa: E402
 from genadapter.data.corpus import wiki_documents  # noqa: E402
 from genadapter.data.episodes import Cloze, read_episodes  # noqa: E402
 from genadapter.eval.harness import evaluate_episode  # noqa: E402
@@ -80,13 +80,15 @@ def copy_generator(
     window: int = 1,
     fit_episodes: list | None = None,
     fit_lam: float = 1e-4,
+    queries: QueryConfig | None = None,
+    r_in: int | None = None,
 ) -> tuple[GenerativeAdapter, float]:
-    """The generator of the module docstring at `layers` (K random, r = r_in = d); every layer
-    copies beta / (number of layers), so beta is the size of the summed copy. Also returns the
-    lowest R² of its query fits."""
+    """The generator of the module docstring at `layers` (K random, r = d, r_in = d unless
+    given); every layer copies beta / (number of layers), so beta is the size of the summed
+    copy. Also returns the lowest R² of its query fits (pooled `queries`: tied, A = K)."""
     d = model.config.hidden_size
     config = GeneratorConfig(
-        r=d, r_in=d, layers=layers, target_modules=["down_proj"], memory=memory,
+        r=d, r_in=r_in or d, layers=layers, queries=queries or QueryConfig(), target_modules=["down_proj"], memory=memory,
         ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=chunk_len,
         keys=KeyConfig(shift=1, window=window), key_layer=key_layer,
     )  # fmt: skip
@@ -189,6 +191,14 @@ def main() -> int:
     )
     p.add_argument("--key-layer", type=int, default=None, help="keys from this layer's features")
     p.add_argument("--memory", nargs="+", default=["ridge"], choices=["ridge", "linear"])
+    p.add_argument(
+        "--query-window",
+        type=int,
+        default=1,
+        help="pooled queries over this many positions (QueryConfig.window; 1: the LoRA's A x)",
+    )
+    p.add_argument("--query-layer", type=int, default=None, help="pooled queries' feature layer")
+    p.add_argument("--r-in", type=int, nargs="+", default=[None], help="key width (default d)")
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--split", default="validation", choices=["validation", "test"])
@@ -202,7 +212,11 @@ def main() -> int:
         "chunk_len": args.chunk_len,
         "beta": args.beta,
         "fit_lam": args.fit_lam,
+        "r_in": args.r_in,
     }
+    queries = QueryConfig(args.query_window, args.query_layer)
+    if queries.pooled and args.fit_episodes:
+        p.error("pooled queries are tied to the keys (A = K): nothing to fit on episodes")
     variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
     if args.save and len(variants) != 1:
         p.error("--save takes one value of each of " + ", ".join(f"--{k}" for k in grid))
@@ -227,7 +241,7 @@ def main() -> int:
         options = {**v, "layers": parse_layers(v["layers"])}
         ga, fit = copy_generator(
             model, tokenizer, **options, key_layer=args.key_layer, window=args.window,
-            fit_episodes=fit_episodes,
+            fit_episodes=fit_episodes, queries=queries,
         )  # fmt: skip
         method = make_method("genadapter", model, tokenizer, ga=ga)
         name = ", ".join(f"{k} {x}" for k, x in v.items())
