@@ -386,7 +386,11 @@ class GenerativeAdapter(nn.Module):
     # --- the adapted model ------------------------------------------------------------------
     @contextlib.contextmanager
     def adapted(
-        self, state: AdapterState, keep_queries: bool = False, check: bool = True
+        self,
+        state: AdapterState,
+        keep_queries: bool = False,
+        check: bool = True,
+        windows: PooledFeatures | None = None,
     ) -> Iterator[dict[str, Tensor]]:
         """Within the block, every forward of `base_model` uses the state (side path, per row):
         each target's output gains (alpha/r) B N(S)^T A x, as the two small matmuls
@@ -396,7 +400,8 @@ class GenerativeAdapter(nn.Module):
         after a forward: what the state's keys are matched against (for losses and probes).
 
         `check=False` (training objectives, whose states are this generator's writes of the
-        same step) skips the fingerprint: it hashes K and V on the host, a device sync per step."""
+        same step) skips the fingerprint: it hashes K and V on the host, a device sync per step.
+        `windows`: pooled queries' windows carried over from an earlier block (`side_paths`)."""
         if self._merged:
             raise RuntimeError(
                 "a state is merged into the weights: call without state= inside merged()"
@@ -406,22 +411,29 @@ class GenerativeAdapter(nn.Module):
         queries: dict[str, Tensor] = {}
         # an empty state adds exact zeros; skipping its hooks is only worth a check that costs no
         # device->host sync (on an accelerator the hooks run and add those zeros)
-        if state.n.device.type == "cpu" and bool(state.is_empty().all()):
+        # (carried windows must see every forward of their cache)
+        if windows is None and state.n.device.type == "cpu" and bool(state.is_empty().all()):
             yield queries  # an empty state is exactly the base model
             return
-        with self.side_paths(self.row_loras(state, check=False), queries if keep_queries else None):
+        lora = self.row_loras(state, check=False)
+        with self.side_paths(lora, queries if keep_queries else None, windows):
             yield queries
 
     @contextlib.contextmanager
     def side_paths(
-        self, lora: dict[str, LoRA], queries: dict[str, Tensor] | None = None
+        self,
+        lora: dict[str, LoRA],
+        queries: dict[str, Tensor] | None = None,
+        windows: PooledFeatures | None = None,
     ) -> Iterator[None]:
         """Each target's side path hooked on within the block (`adapted` makes `lora` from a
         state). `active_lora` names it meanwhile: a checkpointed layer, recomputed in the
-        backward after the block has closed, re-enters the side paths it ran with."""
+        backward after the block has closed, re-enters the side paths it ran with. Pooled
+        queries use `windows` (`query_windows`), a fresh one if None."""
         handles, previous = [], self.active_lora
         self.active_lora = lora
-        pooled, capture = self._pooled_features()
+        pooled = windows or self.query_windows()
+        capture = contextlib.nullcontext() if pooled is None else pooled.hooked()
         query_layer = self.config.queries.layer
         try:
             for t in self.generator.targets:
@@ -435,15 +447,17 @@ class GenerativeAdapter(nn.Module):
                 h.remove()
             self.active_lora = previous
 
-    def _pooled_features(self) -> tuple[PooledFeatures | None, contextlib.AbstractContextManager]:
-        """With pooled queries, what makes them (`queries.PooledFeatures`) and its hooks."""
+    def query_windows(self) -> PooledFeatures | None:
+        """What makes pooled queries (`queries.PooledFeatures`; None for LoRA queries): pass one
+        to `adapted` or `side_paths` to carry its windows across blocks over one KV cache."""
         q = self.config.queries
         if not q.pooled:
-            return None, contextlib.nullcontext()
-        pooled = PooledFeatures(q.window, self.generator.dtype)
+            return None
         layers = sorted({t.layer for t in self.generator.targets} if q.layer is None else {q.layer})
         blocks = self._modules_by_name[self._layers_name]
-        return pooled, pooled.hooked(self.base_model.base_model, blocks, layers)
+        return PooledFeatures(
+            q.window, self.generator.dtype, self.base_model.base_model, blocks, layers
+        )
 
     def _side_path(
         self,

@@ -29,10 +29,21 @@ from .generator import rms_normalize, window_mean
 
 
 class PooledFeatures:
-    """h̃ (b, s, d) of the positions the current forward runs, per query layer: `now[layer]`."""
+    """h̃ (b, s, d) of the positions the current forward runs, per query layer: `now[layer]`.
 
-    def __init__(self, window: int, dtype: torch.dtype) -> None:
+    One is made per `side_paths` block, or passed in to carry windows from one block to the
+    next over the same KV cache (`select` follows its rows: `cache.batch_select_indices`)."""
+
+    def __init__(
+        self,
+        window: int,
+        dtype: torch.dtype,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        layers: list[int],
+    ) -> None:
         self.window, self.dtype = window, dtype
+        self.model, self.blocks, self.layers = model, blocks, layers
         self.now: dict[int, Tensor] = {}
         self._tails: dict[int, tuple[Tensor, Tensor]] = {}  # last window - 1 (h, mask) per layer
         self._cache: weakref.ref | None = None  # the KV cache the tails belong to
@@ -41,16 +52,16 @@ class PooledFeatures:
         self._continues = False
 
     @contextlib.contextmanager
-    def hooked(self, model: nn.Module, blocks: nn.ModuleList, layers: list[int]) -> Iterator[None]:
+    def hooked(self) -> Iterator[None]:
         """The capture hooks within the block: on `model`, the decoder stack (HF `base_model`:
         a row's mask and cache), and on the `layers` of its `blocks` (the features)."""
-        cache_name = cache_argument(model)
+        cache_name = cache_argument(self.model)
         handles = [
-            model.register_forward_pre_hook(self._before(cache_name), with_kwargs=True),
-            model.register_forward_hook(self._after(cache_name), with_kwargs=True),
+            self.model.register_forward_pre_hook(self._before(cache_name), with_kwargs=True),
+            self.model.register_forward_hook(self._after(cache_name), with_kwargs=True),
             *(
-                blocks[layer].register_forward_pre_hook(self._capture(layer), with_kwargs=True)
-                for layer in layers
+                self.blocks[layer].register_forward_pre_hook(self._capture(layer), with_kwargs=True)
+                for layer in self.layers
             ),
         ]
         try:
@@ -58,6 +69,10 @@ class PooledFeatures:
         finally:
             for h in handles:
                 h.remove()
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the windows of `rows` (an index, repeats allowed), as the KV cache they go with."""
+        self._tails = {k: (h[rows], m[rows]) for k, (h, m) in self._tails.items()}
 
     def _before(self, cache_name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

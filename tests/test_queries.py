@@ -170,3 +170,25 @@ def test_pooled_queries_start_as_the_keys_of_their_layer(smollm2_tokenizer):
     untied = GenerativeAdapter.from_base(tiny_model(), config.replace(key_layer=0))
     with pytest.raises(ValueError, match="cannot be tied"):
         fit_queries(untied, [])
+
+
+def test_candidate_continuations_carry_their_prompts_windows():
+    """Training scores candidates from a copy of their prompt's KV cache: with pooled queries
+    the prompt's windows follow (`windows.select`), so each NLL is that of the whole row."""
+    from genadapter.state import AdapterState
+    from genadapter.training.objectives import continuation_losses
+
+    ga = make(window=5, layer=0)
+    state = ga.read([[4, 8, 15, 16, 23, 42] * 5, [7, 7, 9, 30, 31, 2, 5] * 4]).detach()
+    prompts = [torch.tensor([5, 9, 33, 12, 7, 60, 61]), torch.tensor([40, 41, 3])]
+    continuations = [torch.tensor([3, 4]), torch.tensor([9, 10, 11]), torch.tensor([12])]
+    owner = torch.tensor([0, 1, 1])
+    rows = AdapterState.stack([state.select(int(i)) for i in owner])
+    with torch.no_grad():
+        got = continuation_losses(ga, prompts, continuations, owner, state, rows).loss_sum
+    for j, (i, c) in enumerate(zip(owner.tolist(), continuations, strict=True)):
+        ids = torch.cat([prompts[i], c])[None]
+        with torch.no_grad():
+            logits = ga(ids, state=state.select(i)).logits[0, len(prompts[i]) - 1 : -1]
+        want = torch.nn.functional.cross_entropy(logits, c, reduction="sum")
+        torch.testing.assert_close(got[j], want, atol=1e-4, rtol=1e-4)

@@ -172,7 +172,9 @@ def choice(method, episodes, questions: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64])
+    p.add_argument(
+        "--k", type=int, nargs="*", default=[4, 16, 64], help="none: build and --save only"
+    )
     p.add_argument(
         "--layers", nargs="+", default=["29"], help='one generator each: "29", "4,8,29", "20:30"'
     )

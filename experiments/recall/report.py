@@ -1,19 +1,20 @@
 """Choice accuracy vs K from the recall evaluation (experiments/recall/eval.yaml): a plot and a
 table, written into results/ and between the markers of README.md.
 
-    python experiments/recall/report.py [results/results.json]
+    python experiments/recall/report.py [results/results.json] [--marker recall]
+
+The table goes between README.md's `<!-- MARKER:start -->` and `<!-- MARKER:end -->`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
 README = HERE / "README.md"
-START, END = "<!-- recall:start -->", "<!-- recall:end -->"
 N_OPTIONS = 8  # genadapter/data/benchmarks/recall.py: options = min(8, K)
 
 
@@ -69,15 +70,19 @@ def plot(by_method: dict[str, dict[int, tuple[float, int]]], path: Path) -> None
 
 
 def main() -> int:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results" / "results.json"
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", type=Path, nargs="?", default=HERE / "results" / "results.json")
+    p.add_argument("--marker", default="recall", help="README.md's markers of the table")
+    args = p.parse_args()
+    path, start, end = args.results, f"<!-- {args.marker}:start -->", f"<!-- {args.marker}:end -->"
     by_method = choice_by_k(json.loads(path.read_text()))
     table = markdown(by_method)
     plot(by_method, path.parent / "choice_vs_k.png")
     (path.parent / "choice_vs_k.md").write_text(table + "\n")
     text = README.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        README.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        README.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
     print(table)
     return 0
 

@@ -274,8 +274,9 @@ def continuation_losses(
     States None run the frozen base."""
     base, cache_name = ga.base_model, cache_argument(ga.base_model)
     prompt_ids, prompt_mask = pad(prompts, left=True)
+    windows = ga.query_windows()  # pooled queries: the prompts' windows reach the continuations
     with (
-        ga.adapted(prompt_state, keep_queries, check=False)
+        ga.adapted(prompt_state, keep_queries, check=False, windows=windows)
         if prompt_state is not None
         else nullcontext({})
     ) as queries:
@@ -289,10 +290,12 @@ def continuation_losses(
         )
     cache = getattr(out, cache_name)
     cache.batch_select_indices(owner)
+    if windows is not None:
+        windows.select(owner)
     ids, mask = pad(continuations)
     positions = prompt_mask.sum(1)[owner, None] + torch.arange(ids.shape[1], device=ids.device)
     with (
-        ga.adapted(continuation_state, check=False)
+        ga.adapted(continuation_state, check=False, windows=windows)
         if continuation_state is not None
         else nullcontext()
     ):
