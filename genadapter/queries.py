@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .compat import cache_argument
@@ -73,6 +74,26 @@ class PooledFeatures:
     def select(self, rows: Tensor) -> None:
         """Keep the windows of `rows` (an index, repeats allowed), as the KV cache they go with."""
         self._tails = {k: (h[rows], m[rows]) for k, (h, m) in self._tails.items()}
+
+    def joined(self, other: PooledFeatures) -> PooledFeatures:
+        """The windows of this batch's rows, then `other`'s, as two KV caches are joined (each
+        left-padded to a common length: the padding is masked, before every real token)."""
+        both = PooledFeatures(self.window, self.dtype, self.model, self.blocks, self.layers)
+        for layer, (h, m) in self._tails.items():
+            h2, m2 = other._tails[layer]
+            t = max(h.shape[1], h2.shape[1])
+            both._tails[layer] = (
+                torch.cat(
+                    [F.pad(h, (0, 0, t - h.shape[1], 0)), F.pad(h2, (0, 0, t - h2.shape[1], 0))]
+                ),
+                torch.cat([F.pad(m, (t - m.shape[1], 0)), F.pad(m2, (t - m2.shape[1], 0))]),
+            )
+        return both
+
+    def follow(self, cache) -> None:
+        """Continue over `cache` from now on: a KV cache rebuilt from the one these windows
+        ran with (rows selected or joined, all-padding columns cut)."""
+        self._cache, self._seen = weakref.ref(cache), int(cache.get_seq_length())
 
     def _before(self, cache_name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -2,7 +2,7 @@
 
 Checked against a float64 recomputation from the frozen LM's own hidden states, across KV-cache
 decoding and padding, and refused wherever a row's positions are unknown or a weight delta is
-needed."""
+needed. (The server's batches: tests/test_serve.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from transformers import DynamicCache
 from genadapter import GenerativeAdapter, GeneratorConfig
 from genadapter.compat import cache_argument
 from genadapter.eval.batched import generate_rows, score_rows
-from genadapter.serve.scheduler import Scheduler
 
 CACHE = cache_argument(tiny_model())
 
@@ -127,8 +126,6 @@ def test_a_pooled_generator_is_no_weight_delta(tmp_path):
     ):
         with pytest.raises(ValueError, match="no weight delta"):
             use()
-    with pytest.raises(ValueError, match="pooled query windows"):
-        Scheduler(ga, lock=None)
 
 
 def test_config_round_trip_and_shapes(tmp_path):

@@ -21,7 +21,7 @@ import torch
 from openai import AuthenticationError, OpenAI
 from stream_helpers import DOCS, assert_close, read_all
 
-from genadapter import AdapterState
+from genadapter import AdapterState, GenerativeAdapter
 from genadapter.cli import main as cli_main
 from genadapter.serve import add_arguments, build
 from genadapter.serve.keys import add_key
@@ -276,12 +276,20 @@ def save(path: Path, response: httpx.Response) -> Path:
     return path
 
 
-def test_rows_joining_a_running_batch_decode_as_alone(ga):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_rows_joining_a_running_batch_decode_as_alone(ga, pooled):
     """A request that arrives while another decodes joins at a step boundary (its KV cache
-    concatenated, left-padded), and both still decode exactly as HF's generate does alone."""
+    concatenated, left-padded), and both still decode exactly as HF's generate does alone;
+    with pooled queries too, whose windows follow the rows (`PooledFeatures.joined`)."""
+    from conftest import randomize_generator
+
     from genadapter.serve.scheduler import Job, Scheduler
     from genadapter.serve.store import FairLock
 
+    if pooled:
+        config = ga.config.replace(queries={"window": 6, "layer": 0})
+        ga = GenerativeAdapter.from_base(ga.base_model, config, tokenizer=ga.tokenizer)
+        randomize_generator(ga, std=1.0)
     tok = ga.tokenizer
     states = [read_all(ga, [DOCS[i]]) for i in range(3)]
     prompts = ["Tell me everything about the ocean", "Hi", "What did Ada write? Briefly."]

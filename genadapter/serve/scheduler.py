@@ -31,6 +31,7 @@ from transformers import DynamicCache
 
 from ..compat import cache_argument
 from ..generator import LoRA
+from ..queries import PooledFeatures
 from ..state import AdapterState
 from .store import FairLock
 
@@ -66,6 +67,7 @@ class Batch:
     last: Tensor
     pos: Tensor
     lora: dict[str, LoRA]
+    windows: PooledFeatures | None = None  # pooled queries' windows (ga.query_windows)
 
 
 def left_pad(x: Tensor, length: int, dim: int) -> Tensor:
@@ -91,13 +93,19 @@ def merge(a: Batch | None, b: Batch | None) -> Batch | None:
         )
         for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)
     ]
+    cache = DynamicCache(ddp_cache_data=layers)
+    windows = None
+    if a.windows is not None:
+        windows = a.windows.joined(b.windows)
+        windows.follow(cache)
     return Batch(
         a.jobs + b.jobs,
-        DynamicCache(ddp_cache_data=layers),
+        cache,
         torch.cat([left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)]),
         torch.cat([a.last, b.last]),
         torch.cat([a.pos, b.pos]),
         {k: la._replace(A=torch.cat([la.A, b.lora[k].A])) for k, la in a.lora.items()},
+        windows,
     )
 
 
@@ -113,13 +121,18 @@ def keep(batch: Batch, rows: list[int]) -> Batch | None:
     layers = [
         (layer.keys[idx, :, start:], layer.values[idx, :, start:]) for layer in batch.cache.layers
     ]
+    cache = DynamicCache(ddp_cache_data=layers)
+    if batch.windows is not None:
+        batch.windows.select(idx)
+        batch.windows.follow(cache)
     return Batch(
         [batch.jobs[i] for i in rows],
-        DynamicCache(ddp_cache_data=layers),
+        cache,
         mask[:, start:],
         batch.last[idx],
         batch.pos[idx],
         {k: lora._replace(A=lora.A[idx]) for k, lora in batch.lora.items()},
+        batch.windows,
     )
 
 
@@ -134,11 +147,6 @@ class Scheduler:
         gather_ms: float = 5.0,
         max_waiting: int = 256,
     ):
-        if ga.config.queries.pooled:  # its rows are merged and dropped under the KV cache
-            raise ValueError(
-                "the server does not yet carry pooled query windows (GeneratorConfig.queries) "
-                "across its batches: serve a generator with LoRA queries"
-            )
         self.ga, self.lock = ga, lock
         self.tokenizer = ga.tokenizer
         self.max_batch, self.gather_s, self.max_waiting = max_batch, gather_ms / 1000, max_waiting
@@ -217,9 +225,9 @@ class Scheduler:
         jobs[:] = [j for j in jobs if not j.cancelled]
         return bool(jobs)
 
-    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache, lora) -> Tensor:
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache, lora, windows) -> Tensor:
         """Logits of each row's next token, with each row's adapter applied."""
-        with self.lock, torch.no_grad(), self.ga.side_paths(lora):
+        with self.lock, torch.no_grad(), self.ga.side_paths(lora, windows=windows):
             out = self.ga.base_model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -242,16 +250,21 @@ class Scheduler:
         state = AdapterState.stack([j.state for j in jobs]).to(device)
         with torch.no_grad():
             lora = self.ga.row_loras(state)
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, pos, cache, lora)
+        cache, windows = DynamicCache(), self.ga.query_windows()
+        logits = self._forward(ids, mask, pos, cache, lora, windows)
         lengths = torch.tensor([len(j.ids) for j in jobs], device=device)
-        batch = Batch(jobs, cache, mask, ids[:, -1], lengths, lora)
+        batch = Batch(jobs, cache, mask, ids[:, -1], lengths, lora, windows)
         return self._advance(batch, logits)
 
     def _decode(self, batch: Batch) -> Batch | None:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.jobs), 1)], 1)
         logits = self._forward(
-            batch.last[:, None], batch.mask, batch.pos[:, None], batch.cache, batch.lora
+            batch.last[:, None],
+            batch.mask,
+            batch.pos[:, None],
+            batch.cache,
+            batch.lora,
+            batch.windows,
         )
         batch.pos = batch.pos + 1
         return self._advance(batch, logits)
