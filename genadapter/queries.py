@@ -115,6 +115,10 @@ class PooledFeatures:
                     f"positions, not a {mask.dim()}-D one: packed rows are not supported"
                 )
             self._mask, self._continues = mask[:, -inputs.shape[1] :].to(self.dtype), past > 0
+            # a new sequence ends the one before (a forward that stops early, like
+            # `context_features`, never reaches `_after`: its rows are no cache's)
+            if not past:
+                self._cache = None
             self.now.clear()
 
         return hook

@@ -189,3 +189,16 @@ def test_candidate_continuations_carry_their_prompts_windows():
             logits = ga(ids, state=state.select(i)).logits[0, len(prompts[i]) - 1 : -1]
         want = torch.nn.functional.cross_entropy(logits, c, reduction="sum")
         torch.testing.assert_close(got[j], want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_read_between_decoding_steps_is_not_taken_for_the_prompt():
+    """`context_features` stops inside the forward: its features must not become the
+    decoded rows' windows."""
+    ga = make(window=4, layer=0)
+    state = ga.read(torch.randint(2, 128, (1, 30)))
+    ids = torch.randint(2, 128, (1, 8))
+    with ga.adapted(state):
+        cache = getattr(ga.base_model(ids, use_cache=True), CACHE)
+        ga.context_features(torch.randint(2, 128, (1, 8)), None)
+        with pytest.raises(RuntimeError, match="KV cache made within"):
+            ga.base_model(ids[:, :1], use_cache=True, **{CACHE: cache})
