@@ -112,6 +112,10 @@ class QueryConfig:
         """Whether queries read pooled layer features (A: r_in x hidden) instead of x."""
         return self.window > 1 or self.layer is not None
 
+    def layer_of(self, target_layer: int) -> int:
+        """The layer whose features a pooled query of a target in `target_layer` reads."""
+        return target_layer if self.layer is None else self.layer
+
 
 # the flat names of KeyConfig's fields before it existed (saved generators, older YAML)
 LEGACY_KEY_FIELDS = {"key_window": "window", "key_lookahead": "lookahead", "key_gate": "gate"}

@@ -434,10 +434,9 @@ class GenerativeAdapter(nn.Module):
         self.active_lora = lora
         pooled = windows or self.query_windows()
         capture = contextlib.nullcontext() if pooled is None else pooled.hooked()
-        query_layer = self.config.queries.layer
         try:
             for t in self.generator.targets:
-                at = t.layer if query_layer is None else query_layer
+                at = self.config.queries.layer_of(t.layer)
                 hook = self._side_path(t.name, lora[t.name], queries, pooled, at)
                 handles.append(self._modules_by_name[t.name].register_forward_hook(hook))
             with capture:
@@ -453,7 +452,7 @@ class GenerativeAdapter(nn.Module):
         q = self.config.queries
         if not q.pooled:
             return None
-        layers = sorted({t.layer for t in self.generator.targets} if q.layer is None else {q.layer})
+        layers = sorted({q.layer_of(t.layer) for t in self.generator.targets})
         blocks = self._modules_by_name[self._layers_name]
         return PooledFeatures(
             q.window, self.generator.dtype, self.base_model.base_model, blocks, layers

@@ -120,7 +120,7 @@ def tie_queries(ga) -> dict[str, float]:
     fits = {}
     for t in ga.generator.targets:
         key_layer = t.layer if c.key_layer is None else c.key_layer
-        query_layer = t.layer if c.queries.layer is None else c.queries.layer
+        query_layer = c.queries.layer_of(t.layer)
         if key_layer != query_layer:
             raise ValueError(
                 f"queries from layer {query_layer} and keys from layer {key_layer} of {t.name} "
