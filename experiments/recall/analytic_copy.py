@@ -17,6 +17,7 @@ the base LM; no parameter is trained.
     python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29 26:30] [--beta 60 120]
         [--memory ridge linear] [--lam 0.01 0.1] [--chunk-len 32 64] [--key-layer L]
         [--window W] [--fit-episodes N --fit-lam 1e-3 0.1] [--split validation] [--save DIR]
+        [--data data/benchmarks/facts/validation.jsonl]
 
 Every combination of the listed --memory, --layers, --lam, --chunk-len, --beta and --fit-lam is
 one generator; with several layers ("26:30", "4,8,29") each copies beta / (their number).
@@ -82,6 +83,7 @@ def copy_generator(
     fit_lam: float = 1e-4,
     queries: QueryConfig | None = None,
     r_in: int | None = None,
+    gate: bool = False,
 ) -> tuple[GenerativeAdapter, float]:
     """The generator of the module docstring at `layers` (K random, r = d, r_in = d unless
     given); every layer copies beta / (number of layers), so beta is the size of the summed
@@ -90,7 +92,7 @@ def copy_generator(
     config = GeneratorConfig(
         r=d, r_in=r_in or d, layers=layers, queries=queries or QueryConfig(), target_modules=["down_proj"], memory=memory,
         ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=chunk_len,
-        keys=KeyConfig(shift=1, window=window), key_layer=key_layer,
+        keys=KeyConfig(shift=1, window=window, gate=gate), key_layer=key_layer,
     )  # fmt: skip
     torch.manual_seed(0)
     ga = GenerativeAdapter.from_base(model, config, tokenizer=tokenizer).eval()
@@ -204,6 +206,7 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--split", default="validation", choices=["validation", "test"])
+    p.add_argument("--data", type=Path, help="episodes to evaluate instead of recall's (any task)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--save", help="save the generator here (one memory, layer and beta)")
     args = p.parse_args()
@@ -223,12 +226,10 @@ def main() -> int:
     if args.save and len(variants) != 1:
         p.error("--save takes one value of each of " + ", ".join(f"--{k}" for k in grid))
     model, tokenizer = load_base_model(DEFAULT_MODEL)
-    data = {
-        k: read_episodes(ROOT / "data" / "benchmarks" / "recall" / f"{args.split}-k{k}.jsonl")[0][
-            : args.episodes
-        ]
-        for k in args.k
-    }
+    recall = ROOT / "data" / "benchmarks" / "recall"
+    files = {args.data.stem: args.data} if args.data else {}
+    files = files or {k: recall / f"{args.split}-k{k}.jsonl" for k in args.k}
+    data = {k: read_episodes(f)[0][: args.episodes] for k, f in files.items()}
     train = ROOT / "data" / "benchmarks" / "recall" / "train.jsonl"
     fit_episodes = read_episodes(train)[0][: args.fit_episodes] if args.fit_episodes else None
     results = {

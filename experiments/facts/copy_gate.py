@@ -1,0 +1,157 @@
+"""A facts generator built, not trained: the recall copy with entity-level keys and a write gate.
+
+`match_readout.py` found what a facts question can find in a state: with keys that average the
+64 tokens before each token (a document's entity, named in every sentence) and ridge lambda 1,
+the context's gold value weighs most among the options the context mentions in 80 % of
+questions, but a copy of all ~700 context tokens reads out at chance (the weights of the whole
+document add up in the token embeddings). Only value tokens must write. This script builds
+that generator (`analytic_copy.copy_generator`: pooled queries tied to the keys, values copied
+from the token embeddings into the last layer's down_proj) and fits its write gate
+g_t = 2 sigmoid(G . h_t) by class-balanced logistic regression on training episodes: a token
+inside a value (any option or answer of the episode the context spells) against every other
+token; `--gate-scale` sharpens it (G <- c G). Reports choice on the chosen split.
+
+    python experiments/facts/copy_gate.py [--window 64] [--lam 1] [--beta 120 360]
+        [--gate-scale 1 3] [--gate-episodes 96] [--episodes 16] [--save DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments" / "recall"))
+from analytic_copy import choice, copy_generator  # noqa: E402
+
+from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
+from genadapter.chunking import cut, pad  # noqa: E402
+from genadapter.config import QueryConfig  # noqa: E402
+from genadapter.data.episodes import read_episodes  # noqa: E402
+from genadapter.eval.methods import make_method  # noqa: E402
+from genadapter.model import GenerativeAdapter  # noqa: E402
+
+DATA = ROOT / "data" / "benchmarks" / "facts"
+OUT = Path(__file__).parent / "results" / "copy_gate.json"
+
+
+def value_tokens(ids: list[int], values: list[list[int]]) -> Tensor:
+    """1 at every position of `ids` inside an occurrence of one of `values` (token ids), else 0."""
+    label = torch.zeros(len(ids))
+    for v in values:
+        for i in range(len(ids) - len(v) + 1):
+            if ids[i : i + len(v)] == v:
+                label[i : i + len(v)] = 1
+    return label
+
+
+@torch.no_grad()
+def gate_examples(ga: GenerativeAdapter, episodes: list) -> tuple[Tensor, Tensor]:
+    """Each context token's gate features h_t (the target layer's, as `Generator.write` reads
+    them, documents cut into chunks as `read` cuts them) and whether it spells a value."""
+    gen, tok = ga.generator, ga.tokenizer
+    layer, hs, labels = gen.layers[0], [], []
+    for episode in tqdm(episodes, desc="gate examples"):
+        values = {v for qa in episode.qas for v in [*(qa.options or []), *qa.answers]}
+        spelled = [tok(" " + v, add_special_tokens=False).input_ids for v in values]
+        chunks = [
+            ch
+            for text in episode.context
+            for ch in cut(tok(text, add_special_tokens=False).input_ids, gen.config.chunk_len)
+        ]
+        ids, mask = pad(chunks, pad_id=tok.pad_token_id or 0)
+        h = gen.features(ga.context_features(ids, mask)[layer], mask)[0]
+        hs.append(h[mask.bool()])
+        labels.append(value_tokens([i for ch in chunks for i in ch], spelled))
+    return torch.cat(hs).float(), torch.cat(labels)
+
+
+def fit_gate(h: Tensor, label: Tensor, steps: int = 200) -> Tensor:
+    """G of the class-balanced logistic regression label ~ sigmoid(G . h) (no bias: the gate has
+    none; RMS features carry constant directions)."""
+    weight = torch.where(label > 0, 0.5 / label.mean(), 0.5 / (1 - label.mean()))
+    G = torch.zeros(h.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([G], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        opt.zero_grad()
+        out = F.binary_cross_entropy_with_logits(h @ G, label, weight=weight)
+        out.backward()
+        return out
+
+    opt.step(loss)
+    return G.detach()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--window", type=int, default=64, help="key window (KeyConfig.window)")
+    p.add_argument("--query-window", type=int, default=24)
+    p.add_argument("--layer", type=int, default=2, help="keys' and queries' feature layer")
+    p.add_argument("--lam", type=float, nargs="+", default=[1.0], help="ridge lambda")
+    p.add_argument("--beta", type=float, nargs="+", default=[120.0, 360.0])
+    p.add_argument("--gate-scale", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--gate-episodes", type=int, default=96, help="training episodes to fit G")
+    p.add_argument("--episodes", type=int, default=16)
+    p.add_argument("--questions", type=int, default=4)
+    p.add_argument("--split", default="validation")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--save", help="save the generator here (one lambda, beta and gate scale)")
+    args = p.parse_args()
+    grid = {"lam": args.lam, "beta": args.beta, "gate_scale": args.gate_scale}
+    variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
+    if args.save and len(variants) != 1:
+        p.error("--save takes one value of each of --lam, --beta and --gate-scale")
+    model, tokenizer = load_base_model(DEFAULT_MODEL)
+    episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
+    gate_fit = read_episodes(DATA / "train.jsonl")[0][: args.gate_episodes]
+    queries = QueryConfig(args.query_window, args.layer)
+    results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "choice": {}}
+    if args.episodes:
+        base = make_method("base", model, tokenizer)
+        results["choice"]["base"] = choice(base, episodes, args.questions)
+    G = None
+    for v in tqdm(variants, desc="generators"):
+        ga = copy_generator(
+            model, tokenizer, [29], v["beta"], lam=v["lam"], key_layer=args.layer,
+            window=args.window, queries=queries, gate=True,
+        )[0]  # fmt: skip
+        if G is None:  # the gate's features do not depend on lambda or beta: fit once
+            h, label = gate_examples(ga, gate_fit)
+            G = fit_gate(h, label)
+            on = torch.sigmoid(h @ G) > 0.5
+            results["gate_fit"] = {
+                "tokens": len(label),
+                "value_share": label.mean().item(),
+                "recall": on[label > 0].float().mean().item(),
+                "false_open": on[label == 0].float().mean().item(),
+            }
+            tqdm.write(f"gate fit: {results['gate_fit']}")
+        block = ga.generator[ga.generator.names[0]]
+        block.G.data = (v["gate_scale"] * G).to(block.G.dtype)
+        name = ", ".join(f"{k} {x}" for k, x in v.items())
+        if args.episodes:
+            method = make_method("genadapter", model, tokenizer, ga=ga)
+            results["choice"][name] = choice(method, episodes, args.questions)
+            tqdm.write(f"{name}: choice {results['choice'][name]:.3f}")
+        if args.save:
+            ga.save_pretrained(args.save)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
