@@ -87,7 +87,8 @@ def copy_generator(
 ) -> tuple[GenerativeAdapter, float]:
     """The generator of the module docstring at `layers` (K random, r = d, r_in = d unless
     given); every layer copies beta / (number of layers), so beta is the size of the summed
-    copy. Also returns the lowest R² of its query fits (pooled `queries`: tied, A = K)."""
+    copy; `gate` adds an open write gate (G = 0). Also returns the lowest R² of its query fits
+    (pooled `queries`: tied, A = K)."""
     d = model.config.hidden_size
     config = GeneratorConfig(
         r=d, r_in=r_in or d, layers=layers, queries=queries or QueryConfig(), target_modules=["down_proj"], memory=memory,
