@@ -69,6 +69,9 @@ def main() -> int:
     p.add_argument("--query-window", type=int, default=24)
     p.add_argument("--oracle", action="store_true", help="only value tokens write")
     p.add_argument("--gate", type=Path, help="weigh writes by this generator's gate (copy_gate.py)")
+    p.add_argument(
+        "--out", type=Path, help="default: results/match_readout-SPLIT[-oracle|-gate].json"
+    )
     args = p.parse_args()
     G = None
     if args.gate:
@@ -135,8 +138,9 @@ def main() -> int:
         "table": table,
     }
     tag = args.split + ("-oracle" if args.oracle else "") + ("-gate" if args.gate else "")
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"match_readout-{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    out = args.out or OUT / f"match_readout-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"match chance {result['match_chance']:.3f} over {len(chance)} questions")
     for name, row in table.items():
         print(f"{name:28s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
