@@ -12,7 +12,7 @@ inside a value (any option or answer of the episode the context spells) against 
 token; `--gate-scale` sharpens it (G <- c G). Reports choice on the chosen split.
 
     python experiments/facts/copy_gate.py [--window 64] [--lam 1] [--beta 120 360]
-        [--gate-scale 1 3] [--gate-episodes 96] [--episodes 16] [--save DIR]
+        [--gate-scale 1 3] [--gate-episodes 96] [--gate-closed 1] [--episodes 16] [--save DIR]
 """
 
 from __future__ import annotations
@@ -78,10 +78,11 @@ def gate_examples(ga: GenerativeAdapter, episodes: list) -> tuple[Tensor, Tensor
     return torch.cat(hs).float(), torch.cat(labels)
 
 
-def fit_gate(h: Tensor, label: Tensor, steps: int = 200) -> Tensor:
+def fit_gate(h: Tensor, label: Tensor, closed: float = 1.0, steps: int = 200) -> Tensor:
     """G of the class-balanced logistic regression label ~ sigmoid(G . h) (no bias: the gate has
-    none; RMS features carry constant directions)."""
-    weight = torch.where(label > 0, 0.5 / label.mean(), 0.5 / (1 - label.mean()))
+    none; RMS features carry constant directions); `closed` > 1 weighs the tokens that must stay
+    closed that many times more (fewer false opens, fewer values found)."""
+    weight = torch.where(label > 0, 0.5 / label.mean(), closed * 0.5 / (1 - label.mean()))
     G = torch.zeros(h.shape[1], requires_grad=True)
     opt = torch.optim.LBFGS([G], max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -104,6 +105,9 @@ def main() -> int:
     p.add_argument("--beta", type=float, nargs="+", default=[120.0, 360.0])
     p.add_argument("--gate-scale", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--gate-episodes", type=int, default=96, help="training episodes to fit G")
+    p.add_argument(
+        "--gate-closed", type=float, default=1.0, help="weight of closed tokens in the fit"
+    )
     p.add_argument("--episodes", type=int, default=16)
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--split", default="validation")
@@ -130,7 +134,7 @@ def main() -> int:
         )[0]  # fmt: skip
         if G is None:  # the gate's features do not depend on lambda or beta: fit once
             h, label = gate_examples(ga, gate_fit)
-            G = fit_gate(h, label)
+            G = fit_gate(h, label, args.gate_closed)
             on = torch.sigmoid(h @ G) > 0.5
             results["gate_fit"] = {
                 "tokens": len(label),
