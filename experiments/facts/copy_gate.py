@@ -57,6 +57,16 @@ def value_tokens(ids: list[int], values: list[list[int]]) -> Tensor:
     return label
 
 
+def context_chunks(tok, texts: list[str], chunk_len: int) -> tuple[list[int], Tensor, Tensor]:
+    """Each text cut into `chunk_len` chunks as `GenerativeAdapter.read` cuts it: the tokens of
+    all chunks in order, and the chunks padded into ids and mask (chunks, chunk_len)."""
+    chunks = [
+        ch for text in texts for ch in cut(tok(text, add_special_tokens=False).input_ids, chunk_len)
+    ]
+    ids, mask = pad(chunks, pad_id=tok.pad_token_id or 0)
+    return [i for ch in chunks for i in ch], ids, mask
+
+
 @torch.no_grad()
 def gate_examples(ga: GenerativeAdapter, episodes: list) -> tuple[Tensor, Tensor]:
     """Each context token's gate features h_t (the target layer's, as `Generator.write` reads
@@ -66,15 +76,10 @@ def gate_examples(ga: GenerativeAdapter, episodes: list) -> tuple[Tensor, Tensor
     for episode in tqdm(episodes, desc="gate examples"):
         values = {v for qa in episode.qas for v in [*(qa.options or []), *qa.answers]}
         spelled = [tok(" " + v, add_special_tokens=False).input_ids for v in values]
-        chunks = [
-            ch
-            for text in episode.context
-            for ch in cut(tok(text, add_special_tokens=False).input_ids, gen.config.chunk_len)
-        ]
-        ids, mask = pad(chunks, pad_id=tok.pad_token_id or 0)
+        flat, ids, mask = context_chunks(tok, episode.context, gen.config.chunk_len)
         h = gen.features(ga.context_features(ids, mask)[layer], mask)[0]
         hs.append(h[mask.bool()])
-        labels.append(value_tokens([i for ch in chunks for i in ch], spelled))
+        labels.append(value_tokens(flat, spelled))
     return torch.cat(hs).float(), torch.cat(labels)
 
 

@@ -37,10 +37,10 @@ from safetensors.torch import load_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from copy_gate import DATA, value_tokens  # noqa: E402
+from copy_gate import DATA, context_chunks, value_tokens  # noqa: E402
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
-from genadapter.chunking import cut, pad  # noqa: E402
+from genadapter.chunking import pad  # noqa: E402
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.generator import rms_normalize, window_mean  # noqa: E402
@@ -84,30 +84,25 @@ def main() -> int:
     first = lambda text: tok(" " + text, add_special_tokens=False).input_ids  # noqa: E731
     hits, chance = defaultdict(list), []
     for episode in tqdm(read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]):
-        chunks = [
-            ch
-            for t in episode.context
-            for ch in cut(tok(t, add_special_tokens=False).input_ids, 64)
-        ]
-        ids, mask = pad(chunks, pad_id=tok.pad_token_id or 0)
+        flat_ids, ids, mask = context_chunks(tok, episode.context, 64)
         hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
         h = rms_normalize(hidden[args.layer].float())
-        flat = torch.tensor([i for ch in chunks for i in ch])
+        flat = torch.tensor(flat_ids)
         qas = [qa for qa in episode.qas if qa.options]
         qids, qmask = pad([fmt.prompt_ids(qa.question) for qa in qas], pad_id=tok.pad_token_id or 0)
         qh = rms_normalize(model(qids, attention_mask=qmask, output_hidden_states=True)
                            .hidden_states[args.layer].float())  # fmt: skip
-        last = qmask.sum(1, keepdim=True)
-        pos = torch.arange(qmask.shape[1])[None]
-        inside = ((pos < last) & (pos >= (last - args.query_window).clamp(min=1))).float()
-        q = (qh * inside[..., None]).sum(1) / inside.sum(1, keepdim=True)
+        # the pooled query at each prompt's last token (right-padded), as the side path forms it
+        last = qmask.sum(1) - 1
+        q = window_mean(qh, qmask.float(), args.query_window)[torch.arange(len(qas)), last]
         values = {v for qa in episode.qas for v in [*(qa.options or []), *qa.answers]}
         writes = torch.ones(len(flat))
         if args.oracle:
-            writes = value_tokens(flat.tolist(), [first(v) for v in values])
+            writes = value_tokens(flat_ids, [first(v) for v in values])
         if G is not None:  # the gate reads its target's layer (down_proj of layer 29)
             writes = 2 * torch.sigmoid(rms_normalize(hidden[29].float())[mask.bool()] @ G)
-        spelled = [[value_tokens(flat.tolist(), [first(o)]) for o in qa.options] for qa in qas]
+        spelled = [[value_tokens(flat_ids, [first(o)]) for o in qa.options] for qa in qas]
+        firsts = [torch.tensor([first(o)[0] for o in qa.options]) for qa in qas]
         present = [[j for j, s in enumerate(sp) if s.any()] for sp in spelled]
         golds = [qa.options.index(qa.answers[0]) for qa in qas]
         ranked = [len(pr) > 1 and g in pr for pr, g in zip(present, golds, strict=True)]
@@ -118,15 +113,13 @@ def main() -> int:
                 w = weights(k, writes, q, lam)
                 name = f"window {window}, " + ("linear" if lam is None else f"ridge lam {lam}")
                 readout = (w.T @ E[flat]) @ E.T  # (Q, vocab): logits a copy adds
-                for i, qa in enumerate(qas):
-                    gold = golds[i]
+                for i, gold in enumerate(golds):
                     if ranked[i]:
                         at = {j: w[spelled[i][j] > 0, i].max() for j in present[i]}
                         hits[name, "match"].append(max(at, key=at.get) == gold)
-                    firsts = torch.tensor([first(o)[0] for o in qa.options])
-                    ideal = torch.stack([w[flat == f, i].sum() for f in firsts])
+                    ideal = torch.stack([w[flat == f, i].sum() for f in firsts[i]])
                     hits[name, "ideal"].append(ideal.argmax().item() == gold)
-                    hits[name, "readout"].append(readout[i, firsts].argmax().item() == gold)
+                    hits[name, "readout"].append(readout[i, firsts[i]].argmax().item() == gold)
     table = defaultdict(dict)
     for (name, kind), found in hits.items():
         table[name][kind] = sum(found) / len(found)
