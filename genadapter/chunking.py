@@ -36,6 +36,23 @@ def pad(
     return ids, mask
 
 
+def left_pad(x: Tensor, length: int, dim: int) -> Tensor:
+    """`x` padded with zeros at the start of `dim` up to `length`."""
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def join_left(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """The rows of `a`, then `b`'s, each left-padded with zeros along `dim` to the longer one
+    (batches that decode on: their KV caches, masks and query windows)."""
+    length = max(a.shape[dim], b.shape[dim])
+    return torch.cat([left_pad(a, length, dim), left_pad(b, length, dim)])
+
+
 def pad_chunks(
     docs: Sequence[Sequence[Ids]], chunk_len: int, pad_id: int = 0
 ) -> tuple[Tensor, Tensor]:

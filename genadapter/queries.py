@@ -22,9 +22,9 @@ import weakref
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .chunking import join_left
 from .compat import cache_argument
 from .generator import rms_normalize, window_mean
 
@@ -81,13 +81,7 @@ class PooledFeatures:
         both = PooledFeatures(self.window, self.dtype, self.model, self.blocks, self.layers)
         for layer, (h, m) in self._tails.items():
             h2, m2 = other._tails[layer]
-            t = max(h.shape[1], h2.shape[1])
-            both._tails[layer] = (
-                torch.cat(
-                    [F.pad(h, (0, 0, t - h.shape[1], 0)), F.pad(h2, (0, 0, t - h2.shape[1], 0))]
-                ),
-                torch.cat([F.pad(m, (t - m.shape[1], 0)), F.pad(m2, (t - m2.shape[1], 0))]),
-            )
+            both._tails[layer] = (join_left(h, h2, 1), join_left(m, m2, 1))
         return both
 
     def follow(self, cache) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from ..chunking import join_left
 from ..compat import cache_argument
 from ..generator import LoRA
 from ..queries import PooledFeatures
@@ -70,27 +71,13 @@ class Batch:
     windows: PooledFeatures | None = None  # pooled queries' windows (ga.query_windows)
 
 
-def left_pad(x: Tensor, length: int, dim: int) -> Tensor:
-    """`x` padded with zeros at the start of `dim` up to `length`."""
-    missing = length - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
 def merge(a: Batch | None, b: Batch | None) -> Batch | None:
     """One batch of the rows of both: caches and masks left-padded to a common length (the
     padding is masked out, and positions are explicit, so no row sees it)."""
     if a is None or b is None:
         return b if a is None else a
-    length = max(a.mask.shape[1], b.mask.shape[1])
     layers = [
-        (
-            torch.cat([left_pad(la.keys, length, 2), left_pad(lb.keys, length, 2)]),
-            torch.cat([left_pad(la.values, length, 2), left_pad(lb.values, length, 2)]),
-        )
+        (join_left(la.keys, lb.keys, 2), join_left(la.values, lb.values, 2))
         for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)
     ]
     cache = DynamicCache(ddp_cache_data=layers)
@@ -101,7 +88,7 @@ def merge(a: Batch | None, b: Batch | None) -> Batch | None:
     return Batch(
         a.jobs + b.jobs,
         cache,
-        torch.cat([left_pad(a.mask, length, 1), left_pad(b.mask, length, 1)]),
+        join_left(a.mask, b.mask, 1),
         torch.cat([a.last, b.last]),
         torch.cat([a.pos, b.pos]),
         {k: la._replace(A=torch.cat([la.A, b.lora[k].A])) for k, la in a.lora.items()},
