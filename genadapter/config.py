@@ -162,6 +162,10 @@ class GeneratorConfig:
     # values v_t = V h_t from this layer's features instead of the target's own (0 = the token
     # embeddings: with a tied LM head, a value read out at a top layer says which token to copy)
     value_layer: int | None = None
+    # with value_layer 0: each token's value also carries its word as spelled without the
+    # leading space (rms(e(x)) + rms(e(bare x))): a chat answer's first word is spelled so,
+    # the same word inside a context sentence is not (docs/method.md, "Copies")
+    value_bare: bool = False
     # keys K h̄_t from this layer's features instead of the target's own (the gate still reads
     # the target's layer): a match made where the features bind best, read out in another layer
     key_layer: int | None = None
@@ -186,6 +190,8 @@ class GeneratorConfig:
         for name in ("value_layer", "key_layer"):
             if getattr(self, name) is not None:
                 _check_int("GeneratorConfig", name, getattr(self, name), 0)
+        if self.value_bare and self.value_layer != 0:
+            raise ValueError("value_bare needs values from the token embeddings (value_layer: 0)")
         if not float(self.ridge_lambda) > 0.0:
             raise ValueError(f"ridge_lambda must be > 0, got {self.ridge_lambda}")
         if self.normalization not in NORMALIZATIONS:

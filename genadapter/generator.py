@@ -273,6 +273,7 @@ class Generator(nn.Module):
             window += ("unit keys",) if c.keys.normalize else ()
             window += ("ridge",) if c.memory == "ridge" else ()
             window += ("values from", c.value_layer) if c.value_layer is not None else ()
+            window += ("bare spelling",) if c.value_bare else ()
             window += ("keys from", c.key_layer) if c.key_layer is not None else ()
             h.update(repr(shape + window).encode())
             for p in params:

@@ -24,8 +24,9 @@ from .assets import load_base_model
 from .chunking import cut, pad
 from .config import GeneratorConfig
 from .devices import to_device
-from .generator import Generator, LoRA, ModuleGenerator, Writes
+from .generator import Generator, LoRA, ModuleGenerator, Writes, rms_normalize
 from .queries import PooledFeatures
+from .spelling import bare_token_ids
 from .state import AdapterState, StateMismatchError
 from .targets import decoder_layers, find_targets
 
@@ -66,6 +67,7 @@ class GenerativeAdapter(nn.Module):
         self.active_lora: dict[str, LoRA] | None = None  # the side paths hooked on (side_paths)
         self._modules_by_name = dict(base_model.named_modules())
         self._layers_name = decoder_layers(base_model)[0]  # the ModuleList of decoder layers
+        self._bare_ids: Tensor | None = None  # spelling.bare_token_ids, made on first use
         self.generator.to(self.device)
 
     # --- construction -----------------------------------------------------------------------
@@ -304,7 +306,21 @@ class GenerativeAdapter(nn.Module):
             raise RuntimeError(
                 f"the base model never ran decoder layers {sorted(set(layers) - set(captured))}"
             )
+        if self.config.value_bare:
+            captured[0] = self.with_bare_spelling(input_ids, captured[0])
         return captured
+
+    def with_bare_spelling(self, input_ids: Tensor, embedded: Tensor) -> Tensor:
+        """rms(e(x)) + rms(e(bare x)) per token (`GeneratorConfig.value_bare`, genadapter/spelling.py):
+        layer 0's features carry each word as the context spells it and as an answer begins."""
+        if self._bare_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("value_bare needs the adapter's tokenizer")
+            embeddings = self.base_model.get_input_embeddings()
+            self._bare_ids = bare_token_ids(self.tokenizer, embeddings.num_embeddings)
+        bare = self._bare_ids.to(embedded.device)[to_device(input_ids, embedded.device)]
+        spelled = self.base_model.get_input_embeddings()(bare).to(embedded.dtype)
+        return rms_normalize(embedded) + rms_normalize(spelled)
 
     def read_chunks(
         self, ids: Tensor, mask: Tensor, weight: Tensor | None = None, mask_attention: bool = True

@@ -131,12 +131,40 @@ def tie_queries(ga) -> dict[str, float]:
     return fits
 
 
+def final_norm_weight(model) -> Tensor | None:
+    """The gain of the norm the LM head reads (Llama-style `model.norm`, GPT-2's `ln_f`,
+    GPT-NeoX's `final_layer_norm`), or None when the model has none of these."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        weight = getattr(getattr(decoder, name, None), "weight", None)
+        if weight is not None:
+            return weight.detach()
+    return None
+
+
+def whitening(U: Tensor, gain: Tensor | None, mu: float) -> Tensor:
+    """W (d x d) such that adding W u_x to the residual stream raises token y's logit by
+    u_y' P u_x' with u' = gain * u (what the head sees after the final norm) and
+    P = (C + mu tr(C)/d I)^-1, C = U'^T U' / vocab: the copy leaves out the directions every
+    output embedding shares, so a sum of many copies crosses over less (mu -> inf: a copy of
+    u', the plain copy when the gain is 1). Scaled so that a token's own logit rises as much as
+    under the plain copy, on average over the vocabulary."""
+    g = torch.ones(U.shape[1], dtype=U.dtype) if gain is None else gain.to(U)
+    Ug = U * g
+    C = Ug.T @ Ug / U.shape[0]
+    eye = torch.eye(C.shape[0], dtype=C.dtype)
+    W = torch.linalg.inv(C + mu * C.trace() / C.shape[0] * eye) * g  # P diag(g)
+    plain, whitened = (Ug * U).sum(1).mean(), (Ug * (U @ W.T)).sum(1).mean()
+    return W * (plain / whitened)
+
+
 @torch.no_grad()
-def copy_values(ga, beta: float) -> None:
+def copy_values(ga, beta: float, whiten: float | None = None) -> None:
     """Set every target's V and B so that a value V rms(e) read out adds beta u to the target's
     output, e and u a token's input and output embeddings: V the top r principal axes of the
     normalised embeddings (all of them at r = d), B = beta M V^T / scaling, M the regression of u
-    on rms(e) over the vocabulary (for a tied LM head, a multiple of the identity).
+    on rms(e) over the vocabulary (for a tied LM head, a multiple of the identity). `whiten` mu:
+    the copy adds beta W u instead (`whitening`).
 
     Needs values from the token embeddings (`value_layer: 0`) and targets that write into the
     residual stream (out_features = hidden size: o_proj, down_proj). beta is the size of the copy
@@ -153,6 +181,8 @@ def copy_values(ga, beta: float) -> None:
     head = model.get_output_embeddings()
     U = E if head is None else head.weight.detach().double()
     M = regression(E, U)[0]  # (d, d): rms(e) -> u
+    if whiten is not None:
+        M = whitening(U, final_norm_weight(model), whiten) @ M
     r = gen.config.r
     if r > d:
         raise ValueError(f"copy_values needs r <= the hidden size {d}, got r = {r}")

@@ -9,7 +9,14 @@ from conftest import tiny_model
 from genadapter import GenerativeAdapter, GeneratorConfig
 from genadapter.generator import rms_normalize
 from genadapter.training.module import GeneratorPretraining
-from genadapter.warm_start import copy_values, fit_queries, regression, target_inputs
+from genadapter.warm_start import (
+    copy_values,
+    final_norm_weight,
+    fit_queries,
+    regression,
+    target_inputs,
+    whitening,
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 6,
@@ -81,6 +88,51 @@ def test_copy_values_adds_the_read_tokens_output_embedding():
         torch.testing.assert_close(copied, 3.0 * rms_normalize(E) @ M.T)  # r = d: all of it
         cos = torch.nn.functional.cosine_similarity(copied, U, dim=-1)
         assert cos.min() > 0.99  # tied: the copy is the token's own embedding
+
+
+def test_whitening_is_a_projection_that_keeps_a_tokens_own_rise():
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(256, 16, generator=g, dtype=torch.float64) + 2.0  # a shared direction
+    gain = torch.rand(16, generator=g, dtype=torch.float64) + 0.5
+    plain = (U * gain) @ U.T  # token y's logit rise (rows) for a copy of u_x (columns)
+    white = (U * gain) @ whitening(U, gain, 1e-12) @ U.T
+    # u_y' P u_x' with P = (U'^T U')^-1, up to scale: a symmetric projection (the hat matrix)
+    torch.testing.assert_close(white, white.T)
+    scale = (white @ white).trace() / white.trace()
+    top = (scale * white).abs().max().item()
+    torch.testing.assert_close(white @ white, scale * white, rtol=0, atol=1e-9 * top)
+    torch.testing.assert_close(white.diagonal().mean(), plain.diagonal().mean())
+    off = ~torch.eye(len(U), dtype=torch.bool)
+    crossing = lambda L: L[off].abs().mean() / L.diagonal().mean()  # noqa: E731
+    assert crossing(white) < 0.5 * crossing(plain)  # copies cross over less
+    far = (U * gain) @ whitening(U, gain, 1e9) @ U.T  # mu -> inf: a copy of gain * u
+    seen = (U * gain) @ (U * gain).T
+    torch.testing.assert_close(far / far.trace(), seen / seen.trace(), rtol=1e-6, atol=1e-9)
+
+
+def test_whitened_copy_values_add_the_whitened_embedding():
+    model = tiny_model("llama", init_range=0.5)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 2.0)
+    config = GeneratorConfig(
+        r=32, r_in=8, target_modules=["down_proj"], value_layer=0, dtype="float64"
+    )
+    ga = GenerativeAdapter.from_base(model.double(), config)
+    copy_values(ga, beta=3.0, whiten=0.1)
+    E = rms_normalize(model.get_input_embeddings().weight.detach().double())
+    U = model.get_output_embeddings().weight.detach().double()
+    W = whitening(U, model.model.norm.weight.detach().double(), 0.1)
+    for name in ga.generator.names:
+        block = ga.generator[name]
+        copied = config.scaling * E @ block.V.T @ block.B.T
+        torch.testing.assert_close(copied, 3.0 * E @ (W @ regression(E, U)[0]).T)
+
+
+def test_final_norm_weight_is_the_gain_the_head_reads():
+    llama, gpt2 = tiny_model("llama"), tiny_model("gpt2")
+    assert final_norm_weight(llama).data_ptr() == llama.model.norm.weight.data_ptr()
+    assert final_norm_weight(gpt2).data_ptr() == gpt2.transformer.ln_f.weight.data_ptr()
 
 
 def test_copy_values_refuses_what_cannot_copy():

@@ -12,7 +12,7 @@ inside a value (any option or answer of the episode the context spells) against 
 token; `--gate-scale` sharpens it (G <- c G). Reports choice on the chosen split.
 
     python experiments/facts/copy_gate.py [--window 64] [--lam 1] [--beta 120 360]
-        [--gate-scale 1 3] [--gate-episodes 96] [--gate-closed 1] [--episodes 16] [--save DIR]
+        [--gate-scale 1 3] [--whiten none 1] [--bare] [--gate-episodes 96] [--gate-closed 1] [--episodes 16] [--save DIR]
 """
 
 from __future__ import annotations
@@ -109,6 +109,14 @@ def main() -> int:
     p.add_argument("--lam", type=float, nargs="+", default=[1.0], help="ridge lambda")
     p.add_argument("--beta", type=float, nargs="+", default=[120.0, 360.0])
     p.add_argument("--gate-scale", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument(
+        "--whiten",
+        type=lambda x: None if x == "none" else float(x),
+        nargs="+",
+        default=[None],
+        help="whiten the copy (warm_start.whitening): ridge mu, or none",
+    )
+    p.add_argument("--bare", action="store_true", help="values carry bare spellings too")
     p.add_argument("--gate-episodes", type=int, default=96, help="training episodes to fit G")
     p.add_argument(
         "--gate-closed", type=float, default=1.0, help="weight of closed tokens in the fit"
@@ -119,7 +127,12 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--save", help="save the generator here (one lambda, beta and gate scale)")
     args = p.parse_args()
-    grid = {"lam": args.lam, "beta": args.beta, "gate_scale": args.gate_scale}
+    grid = {
+        "lam": args.lam,
+        "beta": args.beta,
+        "gate_scale": args.gate_scale,
+        "whiten": args.whiten,
+    }
     variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
     if args.save and len(variants) != 1:
         p.error("--save takes one value of each of --lam, --beta and --gate-scale")
@@ -135,7 +148,7 @@ def main() -> int:
     for v in tqdm(variants, desc="generators"):
         ga = copy_generator(
             model, tokenizer, [29], v["beta"], lam=v["lam"], key_layer=args.layer,
-            window=args.window, queries=queries, gate=True,
+            window=args.window, queries=queries, gate=True, whiten=v["whiten"], bare=args.bare,
         )[0]  # fmt: skip
         if G is None:  # the gate's features do not depend on lambda or beta: fit once
             h, label = gate_examples(ga, gate_fit)

@@ -58,6 +58,14 @@ def weights(k: torch.Tensor, g: torch.Tensor, q: torch.Tensor, lam: float | None
     return g[:, None] * (k @ torch.linalg.solve(H + lam_bar * torch.eye(H.shape[0]), q.T))
 
 
+def whiten(E: torch.Tensor, mu: float) -> torch.Tensor:
+    """(C + mu tr(C)/d I)^-1, C = E^T E / vocab: a copy of P e(x) raises e(y)^T P e(x), which
+    leaves out the directions every embedding shares (mu -> inf: the plain copy, up to scale)."""
+    C = E.double().T @ E.double() / E.shape[0]
+    eye = torch.eye(C.shape[0], dtype=C.dtype)
+    return torch.linalg.inv(C + mu * C.trace() / C.shape[0] * eye).float()
+
+
 @torch.no_grad()
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -70,6 +78,10 @@ def main() -> int:
     p.add_argument("--oracle", action="store_true", help="only value tokens write")
     p.add_argument("--gate", type=Path, help="weigh writes by this generator's gate (copy_gate.py)")
     p.add_argument(
+        "--whiten", type=float, nargs="+", default=[], metavar="MU",
+        help="also read out through the whitened embeddings, ridge MU on their covariance",
+    )  # fmt: skip
+    p.add_argument(
         "--out", type=Path, help="default: results/match_readout-SPLIT[-oracle|-gate].json"
     )
     args = p.parse_args()
@@ -81,6 +93,9 @@ def main() -> int:
         G = G.float()
     model, tok = load_base_model(DEFAULT_MODEL)
     fmt, E = PromptFormat(tok), model.get_input_embeddings().weight.float()
+    readouts = {"readout": E.T} | {
+        f"readout whiten {mu}": whiten(E, mu) @ E.T for mu in args.whiten
+    }
     first = lambda text: tok(" " + text, add_special_tokens=False).input_ids  # noqa: E731
     hits, chance = defaultdict(list), []
     for episode in tqdm(read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]):
@@ -112,14 +127,16 @@ def main() -> int:
             for lam in [None, *args.lams]:
                 w = weights(k, writes, q, lam)
                 name = f"window {window}, " + ("linear" if lam is None else f"ridge lam {lam}")
-                readout = (w.T @ E[flat]) @ E.T  # (Q, vocab): logits a copy adds
+                copied = w.T @ E[flat]  # (Q, d): what a copy adds to the residual stream
                 for i, gold in enumerate(golds):
                     if ranked[i]:
                         at = {j: w[spelled[i][j] > 0, i].max() for j in present[i]}
                         hits[name, "match"].append(max(at, key=at.get) == gold)
                     ideal = torch.stack([w[flat == f, i].sum() for f in firsts[i]])
                     hits[name, "ideal"].append(ideal.argmax().item() == gold)
-                    hits[name, "readout"].append(readout[i, firsts[i]].argmax().item() == gold)
+                    for kind, head in readouts.items():
+                        logits = copied[i] @ head[:, firsts[i]]
+                        hits[name, kind].append(logits.argmax().item() == gold)
     table = defaultdict(dict)
     for (name, kind), found in hits.items():
         table[name][kind] = sum(found) / len(found)

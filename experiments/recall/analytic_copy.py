@@ -16,7 +16,7 @@ the base LM; no parameter is trained.
 
     python experiments/recall/analytic_copy.py [--k 4 16 64] [--layers 29 26:30] [--beta 60 120]
         [--memory ridge linear] [--lam 0.01 0.1] [--chunk-len 32 64] [--key-layer L]
-        [--window W] [--fit-episodes N --fit-lam 1e-3 0.1] [--split validation] [--save DIR]
+        [--window W] [--whiten none 0.1] [--fit-episodes N --fit-lam 1e-3 0.1] [--split validation] [--save DIR]
         [--data data/benchmarks/facts/validation.jsonl]
 
 Every combination of the listed --memory, --layers, --lam, --chunk-len, --beta and --fit-lam is
@@ -84,20 +84,24 @@ def copy_generator(
     queries: QueryConfig | None = None,
     r_in: int | None = None,
     gate: bool = False,
+    whiten: float | None = None,
+    bare: bool = False,
 ) -> tuple[GenerativeAdapter, float]:
     """The generator of the module docstring at `layers` (K random, r = d, r_in = d unless
     given); every layer copies beta / (number of layers), so beta is the size of the summed
-    copy; `gate` adds an open write gate (G = 0). Also returns the lowest R² of its query fits
+    copy; `gate` adds an open write gate (G = 0); `whiten` whitens the copy
+    (`warm_start.whitening`); `bare` copies each word's bare spelling too
+    (`GeneratorConfig.value_bare`). Also returns the lowest R² of its query fits
     (pooled `queries`: tied, A = K)."""
     d = model.config.hidden_size
     config = GeneratorConfig(
         r=d, r_in=r_in or d, layers=layers, queries=queries or QueryConfig(), target_modules=["down_proj"], memory=memory,
         ridge_lambda=lam, normalization="none", value_layer=0, chunk_len=chunk_len,
-        keys=KeyConfig(shift=1, window=window, gate=gate), key_layer=key_layer,
+        keys=KeyConfig(shift=1, window=window, gate=gate), key_layer=key_layer, value_bare=bare,
     )  # fmt: skip
     torch.manual_seed(0)
     ga = GenerativeAdapter.from_base(model, config, tokenizer=tokenizer).eval()
-    copy_values(ga, beta / len(ga.generator.layers))
+    copy_values(ga, beta / len(ga.generator.layers), whiten)
     if fit_episodes:
         fits = fit_recall_queries(ga, fit_episodes, fit_lam)
     else:
@@ -184,6 +188,13 @@ def main() -> int:
     p.add_argument("--window", type=int, default=1, help="key window (KeyConfig.window)")
     p.add_argument("--beta", type=float, nargs="+", default=[60.0, 120.0, 360.0])
     p.add_argument("--lam", type=float, nargs="+", default=[0.01], help="ridge lambda")
+    p.add_argument(
+        "--whiten",
+        type=lambda x: None if x == "none" else float(x),
+        nargs="+",
+        default=[None],
+        help="whiten the copy: ridge mu, or none",
+    )
     p.add_argument("--chunk-len", type=int, nargs="+", default=[64])
     p.add_argument(
         "--fit-episodes",
@@ -219,6 +230,7 @@ def main() -> int:
         "beta": args.beta,
         "fit_lam": args.fit_lam,
         "r_in": args.r_in,
+        "whiten": args.whiten,
     }
     queries = QueryConfig(args.query_window, args.query_layer)
     if queries.pooled and args.fit_episodes:

@@ -66,6 +66,7 @@ class GeneratorPretraining(L.LightningModule):
         export_dir: str | None = None,
         query_init_docs: int = 0,
         copy_init_beta: float = 0.0,
+        copy_init_whiten: float | None = None,
         trainable: list[str] | None = None,
         seed: int = 0,
     ):
@@ -103,7 +104,7 @@ class GeneratorPretraining(L.LightningModule):
             self._freeze_all_but(trainable)
         # warm starts (genadapter/warm_start.py; a resumed run's checkpoint overrides them)
         if copy_init_beta > 0:  # values read out copy their token
-            copy_values(self.ga, copy_init_beta)
+            copy_values(self.ga, copy_init_beta, copy_init_whiten)
         if query_init_docs > 0:  # queries start as keys
             fits = fit_queries(self.ga, wiki_documents("train")[:query_init_docs])
             rank_zero_info(
