@@ -54,6 +54,14 @@ OUT = Path(__file__).parent / "results" / "recall_match.json"
 LAMBDA = 0.01  # relative to tr(H) / dim, as GeneratorConfig.ridge_lambda
 
 
+def question_mean(h: Tensor, mask: Tensor) -> Tensor:
+    """(Q, d) the mean of h (Q, t, d) over each question's tokens but the BOS its prompt starts
+    with (`mask` (Q, t), right-padded)."""
+    m = mask.clone()
+    m[:, 0] = 0
+    return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+
 def weights(keys: Tensor, q: Tensor, memory: str) -> Tensor:
     """Read-out weight of every context token (N,) for one query (dim,)."""
     if memory == "linear":
@@ -112,12 +120,7 @@ def episode_features(
         h = gen.features(hidden[layer], mask)[0]
         keys = window_mean(h, mask.float(), window, 0, 1).flatten(0, 1)[flat]
         q = gen.features(q_hidden[layer], p_mask)[0]
-        if span == "mean":  # every token of the question but the BOS the prompt starts with
-            m = p_mask.clone()
-            m[:, 0] = 0
-            q = (q * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-        else:
-            q = q[torch.arange(len(last)), last]
+        q = question_mean(q, p_mask) if span == "mean" else q[torch.arange(len(last)), last]
         out[layer] = (keys.double(), q.double())
     embeddings = gen.features(hidden[0], mask)[0].flatten(0, 1)[flat].double()
     return out, first, values | first.any(0), embeddings

@@ -11,13 +11,18 @@ or k_t^T q (linear). Three figures per setting:
 - ideal: over all options, the summed weight at the first token's occurrences is largest (what
   a copy would read out if token embeddings were orthogonal; absent options score 0);
 - readout: over all options, the copy's read-out sum_t w_t e(x_t) scores the option's first
-  token e(u) highest (e: SmolLM2's tied embeddings), as the built copy generators score.
+  token e(u) highest (e: SmolLM2's tied embeddings), as the built copy generators score;
+  "(answer)": the first token as a chat answer spells it, without the leading space the
+  context gives it ("but" of "butter chicken", not " butter"), as the harness scores options.
+
+`--whiten MU` reads out through whitened embeddings too (warm_start.whitening); `--bare` lets
+each value carry its bare spelling too (e(x) + e(bare x), GeneratorConfig.value_bare).
 
 `--oracle` lets only tokens that spell a value (any option or answer of the episode) write;
 `--gate DIR` weighs each token's write by the gate `copy_gate.py --save DIR` fitted.
 
     python experiments/facts/match_readout.py [--split validation] [--episodes 32]
-        [--windows 8 64] [--lams 0.1 1 3] [--oracle | --gate DIR]
+        [--windows 8 64] [--lams 0.1 1 3] [--oracle | --gate DIR] [--whiten 0.1] [--bare]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from genadapter.chunking import pad  # noqa: E402
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.generator import rms_normalize, window_mean  # noqa: E402
+from genadapter.spelling import bare_token_ids  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -81,6 +87,7 @@ def main() -> int:
         "--whiten", type=float, nargs="+", default=[], metavar="MU",
         help="also read out through the whitened embeddings, ridge MU on their covariance",
     )  # fmt: skip
+    p.add_argument("--bare", action="store_true", help="values carry bare spellings too")
     p.add_argument(
         "--out", type=Path, help="default: results/match_readout-SPLIT[-oracle|-gate].json"
     )
@@ -97,6 +104,7 @@ def main() -> int:
         f"readout whiten {mu}": whiten(E, mu) @ E.T for mu in args.whiten
     }
     first = lambda text: tok(" " + text, add_special_tokens=False).input_ids  # noqa: E731
+    bare = bare_token_ids(tok, len(E))
     hits, chance = defaultdict(list), []
     for episode in tqdm(read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]):
         flat_ids, ids, mask = context_chunks(tok, episode.context, 64)
@@ -118,6 +126,12 @@ def main() -> int:
             writes = 2 * torch.sigmoid(rms_normalize(hidden[29].float())[mask.bool()] @ G)
         spelled = [[value_tokens(flat_ids, [first(o)]) for o in qa.options] for qa in qas]
         firsts = [torch.tensor([first(o)[0] for o in qa.options]) for qa in qas]
+        answer_firsts = [
+            torch.tensor([fmt.answer_ids(o, qa.question)[0] for o in qa.options]) for qa in qas
+        ]
+        copies = E[flat]
+        if args.bare:
+            copies = rms_normalize(E[flat]) + rms_normalize(E[bare[flat]])
         present = [[j for j, s in enumerate(sp) if s.any()] for sp in spelled]
         golds = [qa.options.index(qa.answers[0]) for qa in qas]
         ranked = [len(pr) > 1 and g in pr for pr, g in zip(present, golds, strict=True)]
@@ -127,7 +141,7 @@ def main() -> int:
             for lam in [None, *args.lams]:
                 w = weights(k, writes, q, lam)
                 name = f"window {window}, " + ("linear" if lam is None else f"ridge lam {lam}")
-                copied = w.T @ E[flat]  # (Q, d): what a copy adds to the residual stream
+                copied = w.T @ copies  # (Q, d): what a copy adds to the residual stream
                 for i, gold in enumerate(golds):
                     if ranked[i]:
                         at = {j: w[spelled[i][j] > 0, i].max() for j in present[i]}
@@ -135,8 +149,9 @@ def main() -> int:
                     ideal = torch.stack([w[flat == f, i].sum() for f in firsts[i]])
                     hits[name, "ideal"].append(ideal.argmax().item() == gold)
                     for kind, head in readouts.items():
-                        logits = copied[i] @ head[:, firsts[i]]
-                        hits[name, kind].append(logits.argmax().item() == gold)
+                        for spelling, tokens in ("", firsts), (" (answer)", answer_firsts):
+                            logits = copied[i] @ head[:, tokens[i]]
+                            hits[name, kind + spelling].append(logits.argmax().item() == gold)
     table = defaultdict(dict)
     for (name, kind), found in hits.items():
         table[name][kind] = sum(found) / len(found)
@@ -148,6 +163,7 @@ def main() -> int:
         "table": table,
     }
     tag = args.split + ("-oracle" if args.oracle else "") + ("-gate" if args.gate else "")
+    tag += "-bare" if args.bare else ""
     out = args.out or OUT / f"match_readout-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

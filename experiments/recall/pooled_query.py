@@ -35,6 +35,7 @@ from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "diagnostics"))
 from fit_copy import (  # noqa: E402
     DATA,
     cache_episode,
@@ -42,6 +43,7 @@ from fit_copy import (  # noqa: E402
     first_token_logits,
     last_layer_target,
 )
+from recall_match import question_mean  # noqa: E402
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import pad  # noqa: E402
@@ -62,10 +64,7 @@ def pooled_features(ga: GenerativeAdapter, fmt: PromptFormat, episode, layer: in
     qas = [qa for qa in episode.qas if qa.options]
     ids, mask = pad([fmt.prompt_ids(Cloze(qa.question)) for qa in qas])
     hidden = ga.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    h = rms_normalize(hidden.hidden_states[layer].float())
-    mask = mask.clone()
-    mask[:, 0] = 0
-    return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return question_mean(rms_normalize(hidden.hidden_states[layer].float()), mask)
 
 
 @torch.no_grad()
