@@ -82,7 +82,8 @@ def main() -> int:
         meta[name] = m
     for name, ga in load_all(skip=set(old)):
         t, m = outputs(ga)
-        tensors.update({f"{name}/{k}": v.detach().contiguous().cpu() for k, v in t.items()})
+        # cloned: with one target S_first and S_last are one tensor, which safetensors refuses
+        tensors.update({f"{name}/{k}": v.detach().cpu().clone() for k, v in t.items()})
         meta[name] = m
         print(name, m)
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)

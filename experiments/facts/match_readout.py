@@ -50,6 +50,7 @@ from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
 from genadapter.generator import rms_normalize, window_mean  # noqa: E402
 from genadapter.spelling import bare_token_ids  # noqa: E402
+from genadapter.warm_start import whitening  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -62,14 +63,6 @@ def weights(k: torch.Tensor, g: torch.Tensor, q: torch.Tensor, lam: float | None
     H = (k * g[:, None]).T @ k
     lam_bar = lam * H.trace() / H.shape[0]
     return g[:, None] * (k @ torch.linalg.solve(H + lam_bar * torch.eye(H.shape[0]), q.T))
-
-
-def whiten(E: torch.Tensor, mu: float) -> torch.Tensor:
-    """(C + mu tr(C)/d I)^-1, C = E^T E / vocab: a copy of P e(x) raises e(y)^T P e(x), which
-    leaves out the directions every embedding shares (mu -> inf: the plain copy, up to scale)."""
-    C = E.double().T @ E.double() / E.shape[0]
-    eye = torch.eye(C.shape[0], dtype=C.dtype)
-    return torch.linalg.inv(C + mu * C.trace() / C.shape[0] * eye).float()
 
 
 @torch.no_grad()
@@ -101,7 +94,8 @@ def main() -> int:
     model, tok = load_base_model(DEFAULT_MODEL)
     fmt, E = PromptFormat(tok), model.get_input_embeddings().weight.float()
     readouts = {"readout": E.T} | {
-        f"readout whiten {mu}": whiten(E, mu) @ E.T for mu in args.whiten
+        f"readout whiten {mu}": whitening(E.double(), None, mu).T.float() @ E.T
+        for mu in args.whiten
     }
     first = lambda text: tok(" " + text, add_special_tokens=False).input_ids  # noqa: E731
     bare = bare_token_ids(tok, len(E))
