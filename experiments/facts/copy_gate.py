@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments" / "recall"))
-from analytic_copy import choice, copy_generator  # noqa: E402
+from analytic_copy import add_whiten_argument, choice_and_nll, copy_generator  # noqa: E402
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import cut, pad  # noqa: E402
@@ -109,13 +109,7 @@ def main() -> int:
     p.add_argument("--lam", type=float, nargs="+", default=[1.0], help="ridge lambda")
     p.add_argument("--beta", type=float, nargs="+", default=[120.0, 360.0])
     p.add_argument("--gate-scale", type=float, nargs="+", default=[1.0, 3.0])
-    p.add_argument(
-        "--whiten",
-        type=lambda x: None if x == "none" else float(x),
-        nargs="+",
-        default=[None],
-        help="whiten the copy (warm_start.whitening): ridge mu, or none",
-    )
+    add_whiten_argument(p)
     p.add_argument("--bare", action="store_true", help="values carry bare spellings too")
     p.add_argument("--gate-episodes", type=int, default=96, help="training episodes to fit G")
     p.add_argument(
@@ -140,10 +134,12 @@ def main() -> int:
     episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
     gate_fit = read_episodes(DATA / "train.jsonl")[0][: args.gate_episodes]
     queries = QueryConfig(args.query_window, args.layer)
-    results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "choice": {}}
+    results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "choice": {}, "nll": {}}
     if args.episodes:
         base = make_method("base", model, tokenizer)
-        results["choice"]["base"] = choice(base, episodes, args.questions)
+        results["choice"]["base"], results["nll"]["base"] = choice_and_nll(
+            base, episodes, args.questions
+        )
     G = None
     for v in tqdm(variants, desc="generators"):
         ga = copy_generator(
@@ -166,8 +162,12 @@ def main() -> int:
         name = ", ".join(f"{k} {x}" for k, x in v.items())
         if args.episodes:
             method = make_method("genadapter", model, tokenizer, ga=ga)
-            results["choice"][name] = choice(method, episodes, args.questions)
-            tqdm.write(f"{name}: choice {results['choice'][name]:.3f}")
+            results["choice"][name], results["nll"][name] = choice_and_nll(
+                method, episodes, args.questions
+            )
+            tqdm.write(
+                f"{name}: choice {results['choice'][name]:.3f}, nll {results['nll'][name]:.2f}"
+            )
         if args.save:
             ga.save_pretrained(args.save)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -167,14 +167,27 @@ def fit_recall_queries(ga: GenerativeAdapter, episodes: list, lam: float) -> dic
     return fits
 
 
+def choice_and_nll(method, episodes, questions: int) -> tuple[float, float]:
+    """Mean choice accuracy and mean gold-answer NLL of a method through the real harness."""
+    items = [it for e in episodes for it in evaluate_episode(method, e, "qa", questions)["items"]]
+    found = [it["choice"] for it in items if "choice" in it]
+    return sum(found) / len(found), sum(it["nll"] for it in items) / len(items)
+
+
 def choice(method, episodes, questions: int) -> float:
-    found = [
-        it["choice"]
-        for e in episodes
-        for it in evaluate_episode(method, e, "qa", questions)["items"]
-        if "choice" in it
-    ]
-    return sum(found) / len(found)
+    return choice_and_nll(method, episodes, questions)[0]
+
+
+def add_whiten_argument(p: argparse.ArgumentParser) -> None:
+    """--whiten MU ...: one generator per value, each whitening its copy (warm_start.whitening)
+    with ridge MU, or not at all ("none")."""
+    p.add_argument(
+        "--whiten",
+        type=lambda x: None if x == "none" else float(x),
+        nargs="+",
+        default=[None],
+        help="whiten the copy (warm_start.whitening): ridge mu, or none",
+    )
 
 
 def main() -> int:
@@ -188,13 +201,7 @@ def main() -> int:
     p.add_argument("--window", type=int, default=1, help="key window (KeyConfig.window)")
     p.add_argument("--beta", type=float, nargs="+", default=[60.0, 120.0, 360.0])
     p.add_argument("--lam", type=float, nargs="+", default=[0.01], help="ridge lambda")
-    p.add_argument(
-        "--whiten",
-        type=lambda x: None if x == "none" else float(x),
-        nargs="+",
-        default=[None],
-        help="whiten the copy: ridge mu, or none",
-    )
+    add_whiten_argument(p)
     p.add_argument("--chunk-len", type=int, nargs="+", default=[64])
     p.add_argument(
         "--fit-episodes",
