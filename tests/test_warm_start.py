@@ -169,3 +169,7 @@ def test_training_starts_warm_and_learns_only_what_it_is_told(tiny_dir):
     assert optimised == {id(p) for p in warm.ga.generator.parameters() if p.requires_grad}
     with pytest.raises(ValueError, match="trainable must name parameters"):
         GeneratorPretraining(**kw, trainable=["Q"])
+    white = GeneratorPretraining(**kw, copy_init_beta=2.0, copy_init_whiten=1.0)
+    copy_values(warm.ga, 2.0, whiten=1.0)  # the same copy, whitened by hand
+    for name in white.ga.generator.names:
+        torch.testing.assert_close(white.ga.generator[name].B, warm.ga.generator[name].B)
