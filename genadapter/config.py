@@ -164,7 +164,7 @@ class GeneratorConfig:
     value_layer: int | None = None
     # with value_layer 0: each token's value also carries its word as spelled without the
     # leading space (rms(e(x)) + rms(e(bare x))): a chat answer's first word is spelled so,
-    # the same word inside a context sentence is not (docs/method.md, "Copies")
+    # the same word inside a context sentence is not (docs/method.md, "Bare spellings")
     value_bare: bool = False
     # keys K h̄_t from this layer's features instead of the target's own (the gate still reads
     # the target's layer): a match made where the features bind best, read out in another layer

@@ -313,13 +313,14 @@ class GenerativeAdapter(nn.Module):
     def with_bare_spelling(self, input_ids: Tensor, embedded: Tensor) -> Tensor:
         """rms(e(x)) + rms(e(bare x)) per token (`GeneratorConfig.value_bare`, genadapter/spelling.py):
         layer 0's features carry each word as the context spells it and as an answer begins."""
-        if self._bare_ids is None:
+        embeddings = self.base_model.get_input_embeddings()
+        if self._bare_ids is None:  # once, on the embeddings' device
             if self.tokenizer is None:
                 raise ValueError("value_bare needs the adapter's tokenizer")
-            embeddings = self.base_model.get_input_embeddings()
-            self._bare_ids = bare_token_ids(self.tokenizer, embeddings.num_embeddings)
-        bare = self._bare_ids.to(embedded.device)[to_device(input_ids, embedded.device)]
-        spelled = self.base_model.get_input_embeddings()(bare).to(embedded.dtype)
+            ids = bare_token_ids(self.tokenizer, embeddings.num_embeddings)
+            self._bare_ids = ids.to(embeddings.weight.device)
+        bare = self._bare_ids[to_device(input_ids, self._bare_ids.device)]
+        spelled = embeddings(bare).to(embedded.dtype)
         return rms_normalize(embedded) + rms_normalize(spelled)
 
     def read_chunks(

@@ -18,7 +18,6 @@ token; `--gate-scale` sharpens it (G <- c G). Reports choice on the chosen split
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -34,7 +33,12 @@ from tqdm.auto import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments" / "recall"))
-from analytic_copy import add_whiten_argument, choice_and_nll, copy_generator  # noqa: E402
+from analytic_copy import (  # noqa: E402
+    add_whiten_argument,
+    choice_and_nll,
+    copy_generator,
+    grid_variants,
+)
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
 from genadapter.chunking import cut, pad  # noqa: E402
@@ -127,9 +131,7 @@ def main() -> int:
         "gate_scale": args.gate_scale,
         "whiten": args.whiten,
     }
-    variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
-    if args.save and len(variants) != 1:
-        p.error("--save takes one value of each of --lam, --beta and --gate-scale")
+    variants = grid_variants(p, grid, args.save)
     model, tokenizer = load_base_model(DEFAULT_MODEL)
     episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
     gate_fit = read_episodes(DATA / "train.jsonl")[0][: args.gate_episodes]

@@ -178,6 +178,16 @@ def choice(method, episodes, questions: int) -> float:
     return choice_and_nll(method, episodes, questions)[0]
 
 
+def grid_variants(p: argparse.ArgumentParser, grid: dict[str, list], save) -> list[dict]:
+    """Every combination of the grid's listed values, one generator each; `--save` (`save`)
+    takes a grid of one."""
+    variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
+    if save and len(variants) != 1:
+        flags = ", ".join("--" + k.replace("_", "-") for k in grid)
+        p.error(f"--save takes one value of each of {flags}")
+    return variants
+
+
 def add_whiten_argument(p: argparse.ArgumentParser) -> None:
     """--whiten MU ...: one generator per value, each whitening its copy (warm_start.whitening)
     with ridge MU, or not at all ("none")."""
@@ -242,9 +252,7 @@ def main() -> int:
     queries = QueryConfig(args.query_window, args.query_layer)
     if queries.pooled and args.fit_episodes:
         p.error("pooled queries are tied to the keys (A = K): nothing to fit on episodes")
-    variants = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
-    if args.save and len(variants) != 1:
-        p.error("--save takes one value of each of " + ", ".join(f"--{k}" for k in grid))
+    variants = grid_variants(p, grid, args.save)
     model, tokenizer = load_base_model(DEFAULT_MODEL)
     recall = ROOT / "data" / "benchmarks" / "recall"
     files = {args.data.stem: args.data} if args.data else {}
