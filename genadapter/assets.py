@@ -24,6 +24,12 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
 
 
+def default_generator() -> Path:
+    """The committed headline generator of this checkout (experiments/generators/headline): the
+    default of `demo`, `read`, `ask`, `chat`, `export` and `serve`."""
+    return Path(__file__).resolve().parents[1] / "experiments" / "generators" / "headline"
+
+
 def assets_dir() -> Path:
     return data_dir() / "assets"
 

@@ -12,20 +12,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from genadapter.assets import data_dir
+from genadapter.assets import default_generator
 
-# the instruction-tuned generator (experiments/finetune), else the self-supervised one it started from
-_EXPERIMENTS = data_dir().parent / "experiments"
-_GENERATORS = [
-    _EXPERIMENTS / "finetune" / "smollm2-instruct-generator",
-    _EXPERIMENTS / "pretrain" / "smollm2-wiki-generator",
-]
-DEFAULT_GENERATOR = next((g for g in _GENERATORS if g.is_dir()), _GENERATORS[-1])
+DEFAULT_GENERATOR = default_generator()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--generator", type=Path, default=DEFAULT_GENERATOR, help="trained generator folder"
+        "--generator", type=Path, default=DEFAULT_GENERATOR, help="saved generator folder"
     )
     parser.add_argument(
         "--fact-docs", type=int, default=4, help="documents about fictional entities"

@@ -9,7 +9,10 @@ that generator (`analytic_copy.copy_generator`: pooled queries tied to the keys,
 from the token embeddings into the last layer's down_proj) and fits its write gate
 g_t = 2 sigmoid(G . h_t) by class-balanced logistic regression on training episodes: a token
 inside a value (any option or answer of the episode the context spells) against every other
-token; `--gate-scale` sharpens it (G <- c G). Reports choice on the chosen split.
+token; `--gate-scale` sharpens it (G <- c G). Reports choice, answer NLL and F1 on the chosen
+split. `--window 1 --query-window 1 --layer 24` builds the next-token copy instead (README,
+"Next-token copies"): each token's key is the layer-24 state of the token before it, a
+position's query its own layer-24 state.
 
     python experiments/facts/copy_gate.py [--window 64] [--lam 1] [--beta 120 360]
         [--gate-scale 1 3] [--whiten none 1] [--bare] [--gate-episodes 96] [--gate-closed 1] [--episodes 16] [--save DIR]
@@ -35,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments" / "recall"))
 from analytic_copy import (  # noqa: E402
     add_whiten_argument,
-    choice_and_nll,
     copy_generator,
     grid_variants,
+    harness_scores,
 )
 
 from genadapter.assets import DEFAULT_MODEL, load_base_model  # noqa: E402
@@ -49,6 +52,11 @@ from genadapter.model import GenerativeAdapter  # noqa: E402
 
 DATA = ROOT / "data" / "benchmarks" / "facts"
 OUT = Path(__file__).parent / "results" / "copy_gate.json"
+METRICS = ("choice", "nll", "f1")
+NOTES = (
+    "built, not trained: a ridge copy (warm_start.copy_values, whitened, bare spellings) with a "
+    "write gate fitted by logistic regression on facts training episodes; experiments/facts/README.md"
+)
 
 
 def value_tokens(ids: list[int], values: list[list[int]]) -> Tensor:
@@ -136,12 +144,17 @@ def main() -> int:
     episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
     gate_fit = read_episodes(DATA / "train.jsonl")[0][: args.gate_episodes]
     queries = QueryConfig(args.query_window, args.layer)
-    results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "choice": {}, "nll": {}}
+    results: dict = {"args": {k: str(x) for k, x in vars(args).items()}}
+    results.update({metric: {} for metric in METRICS})
+
+    def record(name: str, method) -> None:
+        scores = harness_scores(method, episodes, args.questions)
+        for metric in METRICS:
+            results[metric][name] = scores[metric]
+        tqdm.write(f"{name}: " + ", ".join(f"{k} {x:.3f}" for k, x in scores.items()))
+
     if args.episodes:
-        base = make_method("base", model, tokenizer)
-        results["choice"]["base"], results["nll"]["base"] = choice_and_nll(
-            base, episodes, args.questions
-        )
+        record("base", make_method("base", model, tokenizer))
     G = None
     for v in tqdm(variants, desc="generators"):
         ga = copy_generator(
@@ -163,14 +176,12 @@ def main() -> int:
         block.G.data = (v["gate_scale"] * G).to(block.G.dtype)
         name = ", ".join(f"{k} {x}" for k, x in v.items())
         if args.episodes:
-            method = make_method("genadapter", model, tokenizer, ga=ga)
-            results["choice"][name], results["nll"][name] = choice_and_nll(
-                method, episodes, args.questions
-            )
-            tqdm.write(
-                f"{name}: choice {results['choice'][name]:.3f}, nll {results['nll'][name]:.2f}"
-            )
+            record(name, make_method("genadapter", model, tokenizer, ga=ga))
         if args.save:
+            ga.config.extra.update(
+                built_by=" ".join(["python experiments/facts/copy_gate.py", *sys.argv[1:]]),
+                notes=NOTES,
+            )
             ga.save_pretrained(args.save)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -167,15 +167,17 @@ def fit_recall_queries(ga: GenerativeAdapter, episodes: list, lam: float) -> dic
     return fits
 
 
-def choice_and_nll(method, episodes, questions: int) -> tuple[float, float]:
-    """Mean choice accuracy and mean gold-answer NLL of a method through the real harness."""
+def harness_scores(method, episodes, questions: int) -> dict[str, float]:
+    """Mean choice accuracy, gold-answer NLL and greedy-answer F1 of a method through the real
+    harness."""
     items = [it for e in episodes for it in evaluate_episode(method, e, "qa", questions)["items"]]
     found = [it["choice"] for it in items if "choice" in it]
-    return sum(found) / len(found), sum(it["nll"] for it in items) / len(items)
+    mean = {k: sum(it[k] for it in items) / len(items) for k in ("nll", "f1")}
+    return {"choice": sum(found) / len(found), **mean}
 
 
 def choice(method, episodes, questions: int) -> float:
-    return choice_and_nll(method, episodes, questions)[0]
+    return harness_scores(method, episodes, questions)["choice"]
 
 
 def grid_variants(p: argparse.ArgumentParser, grid: dict[str, list], save) -> list[dict]:

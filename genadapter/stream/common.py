@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..assets import default_generator
 from ..state import AdapterState, StateMismatchError
 from .checkpoint import CheckpointError
 
@@ -43,8 +44,12 @@ def cli_errors(run: Callable[[argparse.Namespace], int | None]) -> Callable:
 
 
 def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generator (one of)")
-    group.add_argument("--generator", metavar="DIR", help="a saved generator (save_pretrained)")
+    group = parser.add_argument_group("generator (one of; default: the committed headline one)")
+    group.add_argument(
+        "--generator",
+        metavar="DIR",
+        help="a saved generator (save_pretrained); default experiments/generators/headline",
+    )
     group.add_argument(
         "--base",
         metavar="MODEL",
@@ -66,8 +71,12 @@ def load_adapter(args: argparse.Namespace):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury our own progress
-    if (args.generator is None) == (args.base is None):
-        raise CLIError("give exactly one of --generator DIR or --base MODEL")
+    if args.generator is not None and args.base is not None:
+        raise CLIError("give one of --generator DIR or --base MODEL, not both")
+    if args.generator is None and args.base is None:
+        args.generator = default_generator()
+        if not args.generator.is_dir():
+            raise CLIError(f"no --generator DIR or --base MODEL given, and no {args.generator}")
     if args.generator is not None:
         if not Path(args.generator).is_dir():
             raise CLIError(f"--generator {args.generator}: no such directory")
