@@ -3,6 +3,7 @@ batching and resume; bad input; full disk; SIGKILL mid-checkpoint; stdin behind 
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -467,3 +468,32 @@ def test_chat_loop_multi_turn_reset_and_quit(ga, tmp_path):
     )
     short = ga.tokenizer.decode(short_ids[0])
     assert "first" not in short and "second" in short
+
+
+def test_generator_defaults_to_the_committed_headline(gen_dir, tmp_path, monkeypatch):
+    """No --generator and no --base: the committed headline generator (here stood in for by a
+    tiny one); both, or neither with no committed generator, are refused by name."""
+    from genadapter.assets import default_generator
+    from genadapter.stream import common
+
+    assert (default_generator() / "generator_config.json").is_file()
+    monkeypatch.setattr(common, "default_generator", lambda: Path(gen_dir))
+    args = argparse.Namespace(generator=None, base=None, seed=0)
+    ga = common.load_adapter(args)
+    assert args.generator == Path(gen_dir)
+    assert ga.new_state().generator == AdapterState.load(read_state(gen_dir, tmp_path)).generator
+    with pytest.raises(common.CLIError, match="not both"):
+        common.load_adapter(argparse.Namespace(generator=str(gen_dir), base="x", seed=0))
+    monkeypatch.setattr(common, "default_generator", lambda: tmp_path / "missing")
+    with pytest.raises(common.CLIError, match="no --generator DIR or --base MODEL given"):
+        common.load_adapter(argparse.Namespace(generator=None, base=None, seed=0))
+
+
+def read_state(gen_dir, tmp_path: Path) -> Path:
+    """A state read through the CLI with an explicit --generator."""
+    data, state_path = tmp_path / "d.txt", tmp_path / "s.safetensors"
+    data.write_text(DOCS[0])
+    assert (
+        cli("read", "--generator", gen_dir, "--state", state_path, "--input", data, "--quiet") == 0
+    )
+    return state_path
