@@ -14,12 +14,10 @@ from rich.table import Table
 
 from genadapter.assets import default_generator
 
-DEFAULT_GENERATOR = default_generator()
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--generator", type=Path, default=DEFAULT_GENERATOR, help="saved generator folder"
+        "--generator", type=Path, default=default_generator(), help="saved generator folder"
     )
     parser.add_argument(
         "--fact-docs", type=int, default=4, help="documents about fictional entities"

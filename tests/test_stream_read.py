@@ -470,7 +470,7 @@ def test_chat_loop_multi_turn_reset_and_quit(ga, tmp_path):
     assert "first" not in short and "second" in short
 
 
-def test_generator_defaults_to_the_committed_headline(gen_dir, tmp_path, monkeypatch):
+def test_generator_defaults_to_the_committed_headline(ga, gen_dir, tmp_path, monkeypatch):
     """No --generator and no --base: the committed headline generator (here stood in for by a
     tiny one); both, or neither with no committed generator, are refused by name."""
     from genadapter.assets import default_generator
@@ -479,21 +479,11 @@ def test_generator_defaults_to_the_committed_headline(gen_dir, tmp_path, monkeyp
     assert (default_generator() / "generator_config.json").is_file()
     monkeypatch.setattr(common, "default_generator", lambda: Path(gen_dir))
     args = argparse.Namespace(generator=None, base=None, seed=0)
-    ga = common.load_adapter(args)
+    loaded = common.load_adapter(args)
     assert args.generator == Path(gen_dir)
-    assert ga.new_state().generator == AdapterState.load(read_state(gen_dir, tmp_path)).generator
+    assert loaded.new_state().generator == ga.new_state().generator  # gen_dir's fingerprint
     with pytest.raises(common.CLIError, match="not both"):
         common.load_adapter(argparse.Namespace(generator=str(gen_dir), base="x", seed=0))
     monkeypatch.setattr(common, "default_generator", lambda: tmp_path / "missing")
     with pytest.raises(common.CLIError, match="no --generator DIR or --base MODEL given"):
         common.load_adapter(argparse.Namespace(generator=None, base=None, seed=0))
-
-
-def read_state(gen_dir, tmp_path: Path) -> Path:
-    """A state read through the CLI with an explicit --generator."""
-    data, state_path = tmp_path / "d.txt", tmp_path / "s.safetensors"
-    data.write_text(DOCS[0])
-    assert (
-        cli("read", "--generator", gen_dir, "--state", state_path, "--input", data, "--quiet") == 0
-    )
-    return state_path

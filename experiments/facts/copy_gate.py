@@ -54,8 +54,8 @@ DATA = ROOT / "data" / "benchmarks" / "facts"
 OUT = Path(__file__).parent / "results" / "copy_gate.json"
 METRICS = ("choice", "nll", "f1")
 NOTES = (
-    "built, not trained: a ridge copy (warm_start.copy_values, whitened, bare spellings) with a "
-    "write gate fitted by logistic regression on facts training episodes; experiments/facts/README.md"
+    "built, not trained: a ridge copy (warm_start.copy_values; settings in built_by) with a write "
+    "gate fitted by logistic regression on facts training episodes; experiments/facts/README.md"
 )
 
 
