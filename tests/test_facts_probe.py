@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_generator, tiny_model
 
-from genadapter import memory
+from genadapter import GenerativeAdapter, GeneratorConfig, memory
+from genadapter.config import KeyConfig, QueryConfig
 
 FACTS = Path(__file__).resolve().parents[1] / "experiments" / "facts"
 
@@ -54,3 +56,42 @@ def test_gate_fit_separates_values():
     h[:, 1] += 4 * (2 * label - 1)
     G = gate.fit_gate(h, label)
     assert ((h @ G > 0).float() == label).all()
+
+
+def test_slot_map_sends_openings_to_their_keys_and_the_rest_to_zero():
+    slot = load("answer_slot")
+    torch.manual_seed(0)
+    template = torch.zeros(16)
+    template[0] = 3.0  # every opening shares the chat template's direction
+    examples = slot.SlotExamples()
+    for _ in range(60):
+        opening = template.clone()
+        opening[1:8] = torch.randn(7)
+        examples.opening.append(opening)
+        examples.key.append(torch.randn(16))
+    silent = torch.zeros(400, 16)
+    silent[:, 8:] = torch.randn(400, 8)
+    examples.silent.append(silent)
+    R0 = slot.slot_map(examples, weight=10.0, lam=1e-6)
+    opening, key, silent = examples.tensors()
+    # 8 directions cannot send 60 openings to 60 random keys: the fit is the least-squares one
+    X = torch.cat([opening[:, :8], torch.zeros(400, 8)]).double()
+    lstsq = torch.linalg.lstsq(X[:60], key.double()).solution  # (8, 16)
+    torch.testing.assert_close(opening @ R0.T, (X[:60] @ lstsq).float(), atol=1e-3, rtol=1e-3)
+    assert (silent @ R0.T).abs().max() < 1e-3
+
+
+def test_with_slot_adds_a_copy_of_the_next_token_target():
+    slot = load("answer_slot")
+    config = GeneratorConfig(
+        r=8, r_in=8, layers=[2], target_modules=["down_proj"], memory="ridge", key_layer=1,
+        keys=KeyConfig(window=1, shift=1, gate=True), queries=QueryConfig(1, 1), value_layer=0,
+    )  # fmt: skip
+    next_token = GenerativeAdapter.from_base(tiny_model(), config)
+    randomize_generator(next_token)
+    ga = slot.with_slot(next_token, 1)
+    assert ga.config.layers == [1, 2] and next_token.config.layers == [2]
+    source = next_token.generator[next_token.generator.names[0]]
+    for name in ga.generator.names:
+        for param, got in ga.generator[name].named_parameters():
+            assert torch.equal(got, getattr(source, param)), (name, param)
