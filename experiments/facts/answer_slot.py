@@ -42,7 +42,7 @@ from tqdm.auto import tqdm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "experiments" / "recall"), str(ROOT / "experiments" / "facts")]
 from analytic_copy import harness_scores  # noqa: E402
-from copy_gate import context_chunks, fit_gate, gate_examples  # noqa: E402
+from copy_gate import add_scoring_arguments, context_chunks, fit_gate, gate_examples  # noqa: E402
 
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.methods import make_method  # noqa: E402
@@ -161,10 +161,7 @@ def main() -> int:
     p.add_argument("--fit-episodes", type=int, default=200)
     p.add_argument("--answer-episodes", type=int, default=48, help="free answers, per round")
     p.add_argument("--gate-episodes", type=int, default=96)
-    p.add_argument("--episodes", type=int, default=16)
-    p.add_argument("--questions", type=int, default=4)
-    p.add_argument("--split", default="validation")
-    p.add_argument("--out", type=Path, default=OUT)
+    add_scoring_arguments(p, OUT)
     p.add_argument("--save", help="save the generator here (one beta)")
     args = p.parse_args()
     if args.save and len(args.beta) != 1:

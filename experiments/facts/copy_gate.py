@@ -113,6 +113,14 @@ def fit_gate(h: Tensor, label: Tensor, closed: float = 1.0, steps: int = 200) ->
     return G.detach()
 
 
+def add_scoring_arguments(p: argparse.ArgumentParser, out: Path) -> None:
+    """--episodes, --questions, --split: what the harness scores; --out: where results go."""
+    p.add_argument("--episodes", type=int, default=16, help="0: build only")
+    p.add_argument("--questions", type=int, default=4)
+    p.add_argument("--split", default="validation")
+    p.add_argument("--out", type=Path, default=out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--window", type=int, default=64, help="key window (KeyConfig.window)")
@@ -127,10 +135,7 @@ def main() -> int:
     p.add_argument(
         "--gate-closed", type=float, default=1.0, help="weight of closed tokens in the fit"
     )
-    p.add_argument("--episodes", type=int, default=16)
-    p.add_argument("--questions", type=int, default=4)
-    p.add_argument("--split", default="validation")
-    p.add_argument("--out", type=Path, default=OUT)
+    add_scoring_arguments(p, OUT)
     p.add_argument("--save", help="save the generator here (one lambda, beta and gate scale)")
     args = p.parse_args()
     grid = {
