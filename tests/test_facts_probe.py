@@ -95,3 +95,5 @@ def test_with_slot_adds_a_copy_of_the_next_token_target():
     for name in ga.generator.names:
         for param, got in ga.generator[name].named_parameters():
             assert torch.equal(got, getattr(source, param)), (name, param)
+    with pytest.raises(ValueError, match="already targets layer 2"):
+        slot.with_slot(next_token, 2)

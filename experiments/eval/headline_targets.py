@@ -81,7 +81,7 @@ def main(results_dir: str, method: str = TUNED) -> dict:
             f"{f(100 * e['f1_vs_prompt_window'], 1)} | {f(e.get('adapt_speedup_vs_lora'), 1)} |"
         )
     lines += ["", *(f"- {k}: **{'met' if v else 'missed'}**" for k, v in out["targets"].items())]
-    name = "targets" if method == "genadapter:instruct" else f"targets-{method.split(':')[-1]}"
+    name = "targets" if method == TUNED else f"targets-{method.split(':')[-1]}"
     lines = [f"{method}:", "", *lines]
     (Path(results_dir) / f"{name}.md").write_text("\n".join(lines) + "\n")
     (Path(results_dir) / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -135,6 +135,8 @@ def slot_map(examples: SlotExamples, weight: float, lam: float) -> Tensor:
 def with_slot(next_token: GenerativeAdapter, layer: int) -> GenerativeAdapter:
     """A generator of the next-token copy's config with a second target at `layer`, both
     starting as copies of its one target (its K, V, B, G, A)."""
+    if layer in next_token.generator.layers:
+        raise ValueError(f"the next-token copy already targets layer {layer}: choose another")
     config = dataclasses.replace(next_token.config, layers=[layer, *next_token.generator.layers])
     ga = GenerativeAdapter.from_base(next_token.base_model, config, next_token.tokenizer).eval()
     source = next_token.generator[next_token.generator.names[0]]
@@ -169,7 +171,7 @@ def main() -> int:
     torch.manual_seed(0)
     next_token = GenerativeAdapter.from_pretrained(args.generator)
     ga = with_slot(next_token, args.slot_layer)
-    slot = ga.generator[ga.generator.names[0]]
+    slot = ga.generator[next(t.name for t in ga.generator.targets if t.layer == args.slot_layer)]
     train = read_episodes(DATA / "train.jsonl")[0]
     examples = SlotExamples()
     for episode in tqdm(train[: args.fit_episodes], desc="slot examples"):
@@ -177,7 +179,7 @@ def main() -> int:
     answering = train[args.fit_episodes :]
     for episode in tqdm(answering[: args.answer_episodes], desc="base answers"):
         free_answer_states(ga, "base", episode, examples)
-    h, label = gate_examples(ga, train[: args.gate_episodes])  # gen.layers[0]: the slot's layer
+    h, label = gate_examples(ga, train[: args.gate_episodes], args.slot_layer)
     copy = slot.B.detach().clone() / args.source_beta  # B of a copy of size 1
     with torch.no_grad():
         slot.G.copy_(args.gate_scale * fit_gate(h, label))

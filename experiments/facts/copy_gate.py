@@ -80,11 +80,15 @@ def context_chunks(tok, texts: list[str], chunk_len: int) -> tuple[list[int], Te
 
 
 @torch.no_grad()
-def gate_examples(ga: GenerativeAdapter, episodes: list) -> tuple[Tensor, Tensor]:
-    """Each context token's gate features h_t (the target layer's, as `Generator.write` reads
-    them, documents cut into chunks as `read` cuts them) and whether it spells a value."""
+def gate_examples(
+    ga: GenerativeAdapter, episodes: list, layer: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Each context token's gate features h_t (those of the target at `layer`, default the
+    first, as `Generator.write` reads them, documents cut into chunks as `read` cuts them) and
+    whether it spells a value."""
     gen, tok = ga.generator, ga.tokenizer
-    layer, hs, labels = gen.layers[0], [], []
+    layer = gen.layers[0] if layer is None else layer
+    hs, labels = [], []
     for episode in tqdm(episodes, desc="gate examples"):
         values = {v for qa in episode.qas for v in [*(qa.options or []), *qa.answers]}
         spelled = [tok(" " + v, add_special_tokens=False).input_ids for v in values]
