@@ -97,3 +97,16 @@ def test_with_slot_adds_a_copy_of_the_next_token_target():
             assert torch.equal(got, getattr(source, param)), (name, param)
     with pytest.raises(ValueError, match="already targets layer 2"):
         slot.with_slot(next_token, 2)
+
+
+def test_value_start_finds_a_value_after_a_preamble_or_opening_the_answer():
+    slot = load("answer_slot")
+    words = {" The": [1], " is": [2], " the": [3], " accordion": [4, 5], "accordion": [6, 5]}
+
+    def tok(text, add_special_tokens=False):  # a word-level tokenizer, spaces kept with words
+        ids = [i for w in text.replace(" ", "| ").split("|") if w for i in words[w]]
+        return type("Encoding", (), {"input_ids": ids})
+
+    assert slot.value_start(tok, [1, 2, 3, 4, 5, 9], "accordion") == 3
+    assert slot.value_start(tok, [6, 5, 9], "accordion") == 0
+    assert slot.value_start(tok, [1, 2, 3, 5, 4], "accordion") is None  # its pieces out of order

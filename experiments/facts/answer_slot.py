@@ -13,14 +13,18 @@ query map is fitted, not tied: A = K R0, R0 the ridge regression, on training ep
     every other position: context tokens, the question's tokens, the teacher-forced gold
     answer, and free answers of the base model and of the round before  ->  0
 
-so the slot reads a value where an answer opens and stays nearly silent elsewhere (its free
+With `--teacher-episodes N`, the first N fit episodes also add the prompted LM's own free answers
+(context distillation, in regression form): where such an answer writes the gold value after a
+preamble ("The instrument of X is the | accordion"), the position before the value is an opening
+too, and the rest of the answer is silent. So the slot reads a value where an answer opens, or
+reaches the place a value goes, and stays nearly silent elsewhere (its free
 answers enter the fit because a query off every fitted position still reads something: numbers,
 written many times, win). Its write gate is fitted as the first target's (`copy_gate.fit_gate`)
 on its own layer. Reports choice, answer NLL and F1 on the chosen split through the harness.
 
     python experiments/facts/answer_slot.py [--generator experiments/generators/next-token-copy]
         [--slot-layer 28] [--weight 100] [--lam 0.01] [--beta 60 120] [--rounds 2] [--fit-beta B]
-        [--fit-episodes 200] [--episodes 16] [--save DIR]
+        [--fit-episodes 200] [--teacher-episodes 0] [--episodes 16] [--save DIR]
 """
 
 from __future__ import annotations
@@ -87,26 +91,53 @@ def query_states(ga: GenerativeAdapter, ids: list[int]) -> Tensor:
     return rms_normalize(hidden.hidden_states[layer][0].float()).cpu()
 
 
+def value_start(tok, answer: list[int], value: str) -> int | None:
+    """Where `value` begins among an answer's tokens (after a space, or opening it), if it does."""
+    found = [
+        first_occurrence(answer, tok(v, add_special_tokens=False).input_ids)
+        for v in (" " + value, value)
+    ]
+    return min((i for i in found if i is not None), default=None)
+
+
 @torch.no_grad()
-def context_examples(ga: GenerativeAdapter, episode, out: SlotExamples) -> None:
+def context_examples(
+    ga: GenerativeAdapter, episode, out: SlotExamples, teacher: list[str] | None = None
+) -> None:
     """The episode's answer openings with the keys of their gold values, and silent positions:
-    a sample of its context and each question with its teacher-forced gold answer."""
+    a sample of its context, and each question with its teacher-forced gold answer and, given
+    `teacher` (an answer per question, e.g. the prompted LM's), with that answer too: the
+    position before the gold value in it opens it, the others are silent."""
     gen, tok, fmt = ga.generator, ga.tokenizer, PromptFormat(ga.tokenizer)
     flat, ids, mask = context_chunks(tok, episode.context, gen.config.chunk_len)
     mask = mask.to(ga.device)
     h = gen.features(ga.context_features(ids, mask)[gen.config.key_layer], mask)[1]
     keys = h[mask.bool()].float().cpu()  # key features h̄_t of each context token, in order
     out.silent.append(keys[torch.randperm(len(keys))[:CONTEXT_SAMPLE]])
-    for qa in episode.qas:
+    for i, qa in enumerate(episode.qas):
         at = first_occurrence(flat, tok(" " + qa.answers[0], add_special_tokens=False).input_ids)
         if at is None or not keys[at].any():  # not spelled so, or first in its chunk: no key
             continue
         prompt = fmt.prompt_ids(qa.question)
-        states = query_states(ga, prompt + fmt.answer_ids(qa.answers[0], qa.question))
-        opening = len(prompt) - 1
-        out.opening.append(states[opening])
-        out.key.append(keys[at])
-        out.silent.append(torch.cat([states[:opening], states[opening + 1 :]]))
+        answers = [fmt.answer_ids(qa.answers[0], qa.question)]
+        if teacher is not None:
+            answers.append(tok(teacher[i], add_special_tokens=False).input_ids)
+        for answer in answers:
+            states = query_states(ga, prompt + answer)
+            start = value_start(tok, answer, qa.answers[0])
+            opening = len(prompt) - 1 + (start if start is not None else len(answer) + 1)
+            if opening < len(states):
+                out.opening.append(states[opening])
+                out.key.append(keys[at])
+            out.silent.append(torch.cat([states[:opening], states[opening + 1 :]]))
+
+
+@torch.no_grad()
+def teacher_answers(ga: GenerativeAdapter, episode) -> list[str]:
+    """The frozen LM's free answers with the episode's context in its prompt."""
+    method = make_method("prompt", ga.base_model, ga.tokenizer)
+    with method.adapt(episode.context) as handle:
+        return handle.answers([qa.question for qa in episode.qas])
 
 
 @torch.no_grad()
@@ -163,6 +194,9 @@ def main() -> int:
     p.add_argument("--fit-episodes", type=int, default=200)
     p.add_argument("--answer-episodes", type=int, default=48, help="free answers, per round")
     p.add_argument("--gate-episodes", type=int, default=96)
+    p.add_argument(
+        "--teacher-episodes", type=int, default=0, help="fit episodes with prompted answers too"
+    )
     add_scoring_arguments(p, OUT)
     p.add_argument("--save", help="save the generator here (one beta)")
     args = p.parse_args()
@@ -174,8 +208,9 @@ def main() -> int:
     slot = ga.generator[next(t.name for t in ga.generator.targets if t.layer == args.slot_layer)]
     train = read_episodes(DATA / "train.jsonl")[0]
     examples = SlotExamples()
-    for episode in tqdm(train[: args.fit_episodes], desc="slot examples"):
-        context_examples(ga, episode, examples)
+    for i, episode in enumerate(tqdm(train[: args.fit_episodes], desc="slot examples")):
+        teacher = teacher_answers(ga, episode) if i < args.teacher_episodes else None
+        context_examples(ga, episode, examples, teacher)
     answering = train[args.fit_episodes :]
     for episode in tqdm(answering[: args.answer_episodes], desc="base answers"):
         free_answer_states(ga, "base", episode, examples)
