@@ -16,26 +16,18 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
+from answer_slot import DATA, ROOT, add_scoring_arguments, harness_scores  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "experiments" / "recall"), str(ROOT / "experiments" / "facts")]
-from analytic_copy import harness_scores  # noqa: E402
-from copy_gate import add_scoring_arguments  # noqa: E402
 
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.methods import make_method  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
 
-DATA = ROOT / "data" / "benchmarks" / "facts"
 OUT = Path(__file__).parent / "results" / "readout_sweep.json"
 
 
