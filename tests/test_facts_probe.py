@@ -110,3 +110,19 @@ def test_value_start_finds_a_value_after_a_preamble_or_opening_the_answer():
     assert slot.value_start(tok, [1, 2, 3, 4, 5, 9], "accordion") == 3
     assert slot.value_start(tok, [6, 5, 9], "accordion") == 0
     assert slot.value_start(tok, [1, 2, 3, 5, 4], "accordion") is None  # its pieces out of order
+
+
+def test_value_rate_counts_whole_normalised_words():
+    rate = load("value_rate")
+    assert rate.contains("The crowd flocks to the Fiddlers' Gathering.", "Fiddlers' Gathering")
+    assert rate.contains("Born in 1961, he", "1961")
+    assert not rate.contains("CrowdFiddlers, a type of", "Fiddlers' Gathering")
+    assert not rate.contains("19611961", "1961")  # a digit string is not the year
+    records = [
+        {"method": "m", "group": "g", "items": [
+            {"prediction": "It is Recife.", "gold": ["Recife"], "f1": 0.5},
+            {"prediction": "Hifuon", "gold": ["Recife"], "f1": 0.0},
+        ]},
+    ]  # fmt: skip
+    got = rate.value_rates(records)["m / g"]
+    assert got == {"answers": 2, "contains %": 50.0, "F1 % where it does": 50.0, "F1 %": 25.0}
