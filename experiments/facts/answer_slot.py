@@ -125,10 +125,12 @@ def context_examples(
         for answer in answers:
             states = query_states(ga, prompt + answer)
             start = value_start(tok, answer, qa.answers[0])
-            opening = len(prompt) - 1 + (start if start is not None else len(answer) + 1)
-            if opening < len(states):
-                out.opening.append(states[opening])
-                out.key.append(keys[at])
+            if start is None:  # an answer that never writes the value: every position is silent
+                out.silent.append(states)
+                continue
+            opening = len(prompt) - 1 + start
+            out.opening.append(states[opening])
+            out.key.append(keys[at])
             out.silent.append(torch.cat([states[:opening], states[opening + 1 :]]))
 
 
