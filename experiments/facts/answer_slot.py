@@ -135,10 +135,10 @@ def context_examples(
 
 
 @torch.no_grad()
-def teacher_answers(ga: GenerativeAdapter, episode) -> list[str]:
-    """The frozen LM's free answers with the episode's context in its prompt."""
-    method = make_method("prompt", ga.base_model, ga.tokenizer)
-    with method.adapt(episode.context) as handle:
+def free_answers(ga: GenerativeAdapter, method: str, episode) -> list[str]:
+    """The greedy answers `method` (base, prompt or genadapter) gives the episode's questions
+    after reading its context (base reads nothing)."""
+    with make_method(method, ga.base_model, ga.tokenizer, ga=ga).adapt(episode.context) as handle:
         return handle.answers([qa.question for qa in episode.qas])
 
 
@@ -146,12 +146,8 @@ def teacher_answers(ga: GenerativeAdapter, episode) -> list[str]:
 def free_answer_states(ga: GenerativeAdapter, method: str, episode, out: SlotExamples) -> None:
     """Silent positions: the free answers `method` gives the episode's questions."""
     fmt, tok = PromptFormat(ga.tokenizer), ga.tokenizer
-    questions = [qa.question for qa in episode.qas]
-    adapt = make_method(method, ga.base_model, tok, ga=ga).adapt
-    with adapt(episode.context if method == "genadapter" else []) as handle:
-        answers = handle.answers(questions)
-    for question, answer in zip(questions, answers, strict=True):
-        prompt = fmt.prompt_ids(question)
+    for qa, answer in zip(episode.qas, free_answers(ga, method, episode), strict=True):
+        prompt = fmt.prompt_ids(qa.question)
         states = query_states(ga, prompt + tok(answer, add_special_tokens=False).input_ids)
         out.silent.append(states[len(prompt) :])
 
@@ -211,7 +207,7 @@ def main() -> int:
     train = read_episodes(DATA / "train.jsonl")[0]
     examples = SlotExamples()
     for i, episode in enumerate(tqdm(train[: args.fit_episodes], desc="slot examples")):
-        teacher = teacher_answers(ga, episode) if i < args.teacher_episodes else None
+        teacher = free_answers(ga, "prompt", episode) if i < args.teacher_episodes else None
         context_examples(ga, episode, examples, teacher)
     answering = train[args.fit_episodes :]
     for episode in tqdm(answering[: args.answer_episodes], desc="base answers"):

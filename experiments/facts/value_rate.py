@@ -13,18 +13,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
-import string
 from pathlib import Path
 
-
-def words(text: str) -> list[str]:
-    text = "".join(c for c in text.lower() if c not in string.punctuation)
-    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+from genadapter.eval.metrics import squad_words
 
 
 def contains(prediction: str, gold: str) -> bool:
-    p, g = words(prediction), words(gold)
+    p, g = squad_words(prediction), squad_words(gold)
     return bool(g) and any(p[i : i + len(g)] == g for i in range(len(p) - len(g) + 1))
 
 

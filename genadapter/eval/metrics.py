@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.text import squad
+from torchmetrics.functional.text.squad import _normalize_text
 
 
 def squad_scores(prediction: str, answers: list[str]) -> dict[str, float]:
@@ -24,6 +25,11 @@ def squad_scores(prediction: str, answers: list[str]) -> dict[str, float]:
         [{"answers": {"answer_start": [0] * len(answers), "text": list(answers)}, "id": "0"}],
     )
     return {"em": float(out["exact_match"]) / 100.0, "f1": float(out["f1"]) / 100.0}
+
+
+def squad_words(text: str) -> list[str]:
+    """The words SQuAD EM/F1 compare: `text` normalised as `squad_scores` normalises it."""
+    return _normalize_text(text).split()
 
 
 def option_accuracy(scores: list[float], options: list[str], gold: str) -> float:
