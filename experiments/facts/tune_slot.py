@@ -1,0 +1,167 @@
+"""The answer slot's query map tuned through the answer loss, every state fixed.
+
+`answer_slot.py` fits the slot's query map A as a regression onto proxy targets (the key a gold
+value was written under). Here A learns from what the adapted model should do: write the gold
+answer, then end its turn. A target's delta is (alpha/r) B N(S*)^T A x, and neither the state
+(K, V, G fixed) nor the query features x (layer 24, below every target) depend on A: each
+episode's N(S*) is read once, and a step is one frozen forward of its questions with A's side
+paths on, the gradient reaching only the layers from the first target up.
+
+    loss = mean over answer tokens of -log p(gold answer, end of turn | question; A)
+           + anchor * ||A - A_0||^2 / ||A_0||^2 (per tuned target, A_0 the built map)
+
+The best of `--epochs` on the answer loss of validation episodes the harness does not score is
+kept; choice, answer NLL and F1 are then scored through the harness on the usual split.
+
+    python experiments/facts/tune_slot.py [--generator experiments/generators/headline]
+        [--layers 28] [--fit-episodes 400] [--epochs 4] [--lr 0.01] [--anchor 0.1]
+        [--episodes 16] [--save DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "experiments" / "recall"), str(ROOT / "experiments" / "facts")]
+from analytic_copy import harness_scores  # noqa: E402
+from copy_gate import add_scoring_arguments  # noqa: E402
+
+from genadapter.chunking import pad  # noqa: E402
+from genadapter.data.episodes import read_episodes  # noqa: E402
+from genadapter.eval.methods import make_method  # noqa: E402
+from genadapter.eval.prompts import PromptFormat  # noqa: E402
+from genadapter.generator import LoRA  # noqa: E402
+from genadapter.model import GenerativeAdapter  # noqa: E402
+
+DATA = ROOT / "data" / "benchmarks" / "facts"
+OUT = Path(__file__).parent / "results" / "tune_slot.json"
+NOTES = (
+    "built, then tuned: the answer slot of experiments/generators/headline with its query map "
+    "trained through the answer loss (experiments/facts/tune_slot.py; settings in built_by)"
+)
+
+
+class Episode:
+    """What a step needs of one episode: each target's read-out N(S*) (1, r_in, r) and its
+    questions as prompt + gold answer + end of turn, right-padded, with the answer's labels."""
+
+    def __init__(self, ga: GenerativeAdapter, episode, eos: int) -> None:
+        fmt = PromptFormat(ga.tokenizer)
+        with torch.no_grad():
+            state = ga.read(episode.context).sum()
+            self.N = {k: v.detach() for k, v in ga.generator.normalized(state.S, state.n).items()}
+        rows, labels = [], []
+        for qa in episode.qas:
+            prompt = fmt.prompt_ids(qa.question)
+            answer = fmt.answer_ids(qa.answers[0], qa.question) + [eos]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        self.ids, self.mask = pad(rows, pad_id=0)
+        self.labels = pad(labels, pad_id=-100)[0]
+
+
+def answer_loss(ga: GenerativeAdapter, A: dict[str, Tensor], ep: Episode) -> Tensor:
+    """Mean NLL of the episode's answer tokens with every target's query map from `A`."""
+    gen = ga.generator
+    lora = {
+        name: LoRA(
+            ep.N[name].transpose(1, 2) @ A.get(name, gen[name].A), gen[name].B, gen.config.scaling
+        )
+        for name in gen.names
+    }
+    with ga.side_paths(lora):
+        logits = ga.base_model(input_ids=ep.ids, attention_mask=ep.mask).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ep.labels[:, 1:].flatten())
+
+
+def mean_loss(ga: GenerativeAdapter, A: dict[str, Tensor], episodes: list[Episode]) -> float:
+    with torch.no_grad():
+        return sum(answer_loss(ga, A, ep).item() for ep in episodes) / len(episodes)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--generator", type=Path, default=ROOT / "experiments/generators/headline")
+    p.add_argument("--layers", type=int, nargs="+", default=[28], help="targets whose A learns")
+    p.add_argument("--fit-episodes", type=int, default=400)
+    p.add_argument("--dev-episodes", type=int, default=32, help="validation, after the scored")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.01, help="Adam's step, relative to rms(A_0)")
+    p.add_argument("--anchor", type=float, default=0.1, help="weight of ||A - A_0||^2/||A_0||^2")
+    add_scoring_arguments(p, OUT)
+    p.add_argument("--save", help="save the tuned generator here")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    ga = GenerativeAdapter.from_pretrained(args.generator)
+    ga.requires_grad_(False)
+    gen, eos = ga.generator, ga.tokenizer.eos_token_id
+    names = [t.name for t in gen.targets if t.layer in args.layers]
+    if len(names) != len(args.layers):
+        p.error(f"--layers {args.layers}: the generator targets {[t.layer for t in gen.targets]}")
+    A0 = {k: gen[k].A.detach().clone() for k in names}
+    A = {k: a.clone().requires_grad_(True) for k, a in A0.items()}
+    scale = {k: a.pow(2).sum() for k, a in A0.items()}
+    opt = torch.optim.Adam(
+        [{"params": [A[k]], "lr": args.lr * A0[k].pow(2).mean().sqrt().item()} for k in names]
+    )
+    train = read_episodes(DATA / "train.jsonl")[0][: args.fit_episodes]
+    dev = read_episodes(DATA / "validation.jsonl")[0][args.episodes :][: args.dev_episodes]
+    fit = [Episode(ga, e, eos) for e in tqdm(train, desc="states (train)")]
+    held = [Episode(ga, e, eos) for e in tqdm(dev, desc="states (dev)")]
+    log = [{"epoch": 0, "dev_loss": mean_loss(ga, A, held)}]
+    best = (log[0]["dev_loss"], {k: a.detach().clone() for k, a in A.items()})
+    tqdm.write(f"epoch 0: dev answer loss {log[0]['dev_loss']:.3f}")
+    for epoch in range(1, args.epochs + 1):
+        random.Random(epoch).shuffle(fit)
+        total = 0.0
+        for ep in tqdm(fit, desc=f"epoch {epoch}"):
+            loss = answer_loss(ga, A, ep)
+            total += loss.item()
+            anchor = sum((A[k] - A0[k]).pow(2).sum() / scale[k] for k in names)
+            opt.zero_grad()
+            (loss + args.anchor * anchor).backward()
+            opt.step()
+        log.append(
+            {"epoch": epoch, "train_loss": total / len(fit), "dev_loss": mean_loss(ga, A, held)}
+        )
+        tqdm.write(
+            f"epoch {epoch}: train {log[-1]['train_loss']:.3f}, dev {log[-1]['dev_loss']:.3f}"
+        )
+        if log[-1]["dev_loss"] < best[0]:
+            best = (log[-1]["dev_loss"], {k: a.detach().clone() for k, a in A.items()})
+    with torch.no_grad():
+        for k in names:
+            gen[k].A.copy_(best[1][k])
+    results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "log": log, "scores": {}}
+    if args.episodes:
+        episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
+        method = make_method("genadapter", ga.base_model, ga.tokenizer, ga=ga)
+        results["scores"]["tuned"] = harness_scores(method, episodes, args.questions)
+        tqdm.write(f"tuned: {results['scores']['tuned']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.save:
+        ga.config.extra = {
+            "built_by": " ".join(["python experiments/facts/tune_slot.py", *sys.argv[1:]]),
+            "notes": NOTES,
+        }
+        ga.save_pretrained(args.save)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
