@@ -1,5 +1,5 @@
-"""experiments/facts/: the match probe's weights must be the memory's own read-out, and the
-gate fit must find a separable split."""
+"""experiments/facts/: the match probe's weights must be the memory's own read-out, the gate fit
+must find a separable split, and the query maps' tuning loss must be the adapted model's own."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from conftest import randomize_generator, tiny_model
 
 from genadapter import GenerativeAdapter, GeneratorConfig, memory
 from genadapter.config import KeyConfig, QueryConfig
+from genadapter.data.episodes import QA, QAEpisode
+from genadapter.eval.prompts import PromptFormat
 
 FACTS = Path(__file__).resolve().parents[1] / "experiments" / "facts"
 
@@ -126,3 +128,37 @@ def test_value_rate_counts_whole_normalised_words():
     ]  # fmt: skip
     got = rate.value_rates(records)["m / g"]
     assert got == {"answers": 2, "contains %": 50.0, "F1 % where it does": 50.0, "F1 %": 25.0}
+
+
+def test_tune_slot_loss_is_the_adapted_models_answer_nll(tiny_dir):
+    tune = load("tune_slot")
+    config = GeneratorConfig(
+        r=8, r_in=8, layers=[1, 2], target_modules=["down_proj"], memory="ridge", key_layer=1,
+        keys=KeyConfig(window=1, shift=1, gate=True), queries=QueryConfig(1, 1), value_layer=0,
+        chunk_len=16,
+    )  # fmt: skip
+    ga = GenerativeAdapter.from_base(str(tiny_dir), config)
+    randomize_generator(ga)
+    episode = QAEpisode(
+        "e",
+        ["Ada Lovelace plays the cello. She lives in Turin.", "Bram Stoker lives in Oslo."],
+        [QA("What does Ada play?", ["cello"]), QA("Where does Bram Stoker live?", ["Oslo"])],
+    )
+    eos = ga.tokenizer.eos_token_id
+    got = tune.answer_loss(ga, {}, tune.Episode(ga, episode, eos))
+    # the reference: the generator's own adapted model, one question at a time, unpadded
+    fmt, state = PromptFormat(ga.tokenizer), ga.read(episode.context).sum()
+    nll, count = 0.0, 0
+    for qa in episode.qas:
+        prompt, answer = fmt.prompt_ids(qa.question), fmt.answer_ids(qa.answers[0]) + [eos]
+        with torch.no_grad(), ga.adapted(state):
+            logits = ga.base_model(torch.tensor([prompt + answer])).logits[0]
+        logp = logits[len(prompt) - 1 : -1].double().log_softmax(-1)
+        nll -= logp[torch.arange(len(answer)), answer].sum().item()
+        count += len(answer)
+    torch.testing.assert_close(got.item(), nll / count, rtol=1e-4, atol=1e-5)
+    # a query map in `A` replaces the generator's, and the loss reaches it
+    name = ga.generator.names[0]
+    A = {name: ga.generator[name].A.detach().clone().requires_grad_(True)}
+    tune.answer_loss(ga, A, tune.Episode(ga, episode, eos)).backward()
+    assert A[name].grad is not None and A[name].grad.abs().sum() > 0

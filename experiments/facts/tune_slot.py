@@ -2,10 +2,10 @@
 
 `answer_slot.py` fits the slot's query map A as a regression onto proxy targets (the key a gold
 value was written under). Here A learns from what the adapted model should do: write the gold
-answer, then end its turn. A target's delta is (alpha/r) B N(S*)^T A x, and neither the state
-(K, V, G fixed) nor the query features x (layer 24, below every target) depend on A: each
-episode's N(S*) is read once, and a step is one frozen forward of its questions with A's side
-paths on, the gradient reaching only the layers from the first target up.
+answer, then end its turn. A target's delta is (alpha/r) B N(S*)^T A x and the state does not
+depend on A (K, V and G make it): each episode's N(S*) is read once, and a step is one frozen
+forward of its questions with the side paths on, the gradient reaching only the layers from
+the first target up (the headline's: 28 and 29 of 30).
 
     loss = mean over answer tokens of -log p(gold answer, end of turn | question; A)
            + anchor * ||A - A_0||^2 / ||A_0||^2 (per tuned target, A_0 the built map)
@@ -13,9 +13,10 @@ paths on, the gradient reaching only the layers from the first target up.
 The best of `--epochs` on the answer loss of validation episodes the harness does not score is
 kept; choice, answer NLL and F1 are then scored through the harness on the usual split.
 
-    python experiments/facts/tune_slot.py [--generator experiments/generators/headline]
-        [--layers 28] [--fit-episodes 400] [--epochs 4] [--lr 0.01] [--anchor 0.1]
-        [--episodes 16] [--save DIR]
+    python experiments/facts/answer_slot.py --beta 90 --fit-beta 120 --fit-episodes 400 \
+        --answer-episodes 96 --episodes 0 --save runs/answer-slot
+    python experiments/facts/tune_slot.py --generator runs/answer-slot [--layers 28 29]
+        [--fit-episodes 400] [--epochs 3] [--lr 0.01] [--anchor 0.1] [--episodes 16] [--save DIR]
 """
 
 from __future__ import annotations
@@ -95,11 +96,11 @@ def mean_loss(ga: GenerativeAdapter, A: dict[str, Tensor], episodes: list[Episod
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--generator", type=Path, default=ROOT / "experiments/generators/headline")
-    p.add_argument("--layers", type=int, nargs="+", default=[28], help="targets whose A learns")
+    p.add_argument("--generator", type=Path, required=True, help="a built slot: answer_slot.py")
+    p.add_argument("--layers", type=int, nargs="+", help="targets whose A learns (default: all)")
     p.add_argument("--fit-episodes", type=int, default=400)
     p.add_argument("--dev-episodes", type=int, default=32, help="validation, after the scored")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="Adam's step, relative to rms(A_0)")
     p.add_argument("--anchor", type=float, default=0.1, help="weight of ||A - A_0||^2/||A_0||^2")
     add_scoring_arguments(p, OUT)
@@ -109,8 +110,9 @@ def main() -> int:
     ga = GenerativeAdapter.from_pretrained(args.generator)
     ga.requires_grad_(False)
     gen, eos = ga.generator, ga.tokenizer.eos_token_id
-    names = [t.name for t in gen.targets if t.layer in args.layers]
-    if len(names) != len(args.layers):
+    layers = args.layers or [t.layer for t in gen.targets]
+    names = [t.name for t in gen.targets if t.layer in layers]
+    if len(names) != len(set(layers)):
         p.error(f"--layers {args.layers}: the generator targets {[t.layer for t in gen.targets]}")
     A0 = {k: gen[k].A.detach().clone() for k in names}
     A = {k: a.clone().requires_grad_(True) for k, a in A0.items()}
@@ -155,10 +157,9 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     if args.save:
-        ga.config.extra = {
-            "built_by": " ".join(["python experiments/facts/tune_slot.py", *sys.argv[1:]]),
-            "notes": NOTES,
-        }
+        built = ga.config.extra.get("built_by", f"(the generator at {args.generator})")
+        tuned = " ".join(["python experiments/facts/tune_slot.py", *sys.argv[1:]])
+        ga.config.extra = {"built_by": f"{built} && {tuned}", "notes": NOTES}
         ga.save_pretrained(args.save)
     return 0
 
