@@ -56,6 +56,13 @@ NOTES = (
 )
 
 
+def questions(episode) -> list[tuple[str, str]]:
+    """(question, gold answer) of any episode: facts and persona QAs, wiki-topic queries."""
+    if hasattr(episode, "queries"):
+        return [(q.input, q.output) for q in episode.queries]
+    return [(qa.question, qa.answers[0]) for qa in episode.qas]
+
+
 class Episode:
     """What a step needs of one episode: each target's read-out N(S*) (1, r_in, r) and its
     questions as prompt + gold answer + end of turn, right-padded, with the answer's labels."""
@@ -63,12 +70,12 @@ class Episode:
     def __init__(self, ga: GenerativeAdapter, episode, eos: int) -> None:
         fmt = PromptFormat(ga.tokenizer)
         with torch.no_grad():
-            state = ga.read(episode.context).sum()
+            state = ga.read(episode.context_texts()).sum()
             self.N = {k: v.detach() for k, v in ga.generator.normalized(state.S, state.n).items()}
         rows, labels = [], []
-        for qa in episode.qas:
-            prompt = fmt.prompt_ids(qa.question)
-            answer = fmt.answer_ids(qa.answers[0], qa.question) + [eos]
+        for question, gold in questions(episode):
+            prompt = fmt.prompt_ids(question)
+            answer = fmt.answer_ids(gold, question) + [eos]
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         self.ids, self.mask = pad(rows, pad_id=0)
@@ -98,8 +105,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--generator", type=Path, required=True, help="a built slot: answer_slot.py")
     p.add_argument("--layers", type=int, nargs="+", help="targets whose A learns (default: all)")
-    p.add_argument("--fit-episodes", type=int, default=400)
-    p.add_argument("--dev-episodes", type=int, default=32, help="validation, after the scored")
+    p.add_argument(
+        "--train", type=Path, nargs="+", default=[DATA / "train.jsonl"], help="episode files"
+    )
+    p.add_argument("--fit-episodes", type=int, nargs="+", default=[400], help="of each --train")
+    p.add_argument(
+        "--dev", type=Path, nargs="+", default=[DATA / "validation.jsonl"], help="episode files"
+    )
+    p.add_argument("--dev-episodes", type=int, default=32, help="of each --dev, after the scored")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="Adam's step, relative to rms(A_0)")
     p.add_argument("--anchor", type=float, default=0.1, help="weight of ||A - A_0||^2/||A_0||^2")
@@ -120,8 +133,11 @@ def main() -> int:
     opt = torch.optim.Adam(
         [{"params": [A[k]], "lr": args.lr * A0[k].pow(2).mean().sqrt().item()} for k in names]
     )
-    train = read_episodes(DATA / "train.jsonl")[0][: args.fit_episodes]
-    dev = read_episodes(DATA / "validation.jsonl")[0][args.episodes :][: args.dev_episodes]
+    if len(args.fit_episodes) not in (1, len(args.train)):
+        p.error("--fit-episodes takes one count, or one per --train file")
+    counts = args.fit_episodes * (len(args.train) // len(args.fit_episodes))
+    train = [e for f, n in zip(args.train, counts, strict=True) for e in read_episodes(f)[0][:n]]
+    dev = [e for f in args.dev for e in read_episodes(f)[0][args.episodes :][: args.dev_episodes]]
     fit = [Episode(ga, e, eos) for e in tqdm(train, desc="states (train)")]
     held = [Episode(ga, e, eos) for e in tqdm(dev, desc="states (dev)")]
     log = [{"epoch": 0, "dev_loss": mean_loss(ga, A, held)}]
