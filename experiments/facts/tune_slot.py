@@ -51,8 +51,8 @@ from genadapter.model import GenerativeAdapter  # noqa: E402
 DATA = ROOT / "data" / "benchmarks" / "facts"
 OUT = Path(__file__).parent / "results" / "tune_slot.json"
 NOTES = (
-    "built, then tuned: the answer slot of experiments/generators/headline with its query map "
-    "trained through the answer loss (experiments/facts/tune_slot.py; settings in built_by)"
+    "built, then tuned: the answer slot of experiments/facts/answer_slot.py with its targets' "
+    "query maps trained through the answer loss (experiments/facts/tune_slot.py; see built_by)"
 )
 
 
