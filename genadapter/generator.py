@@ -250,10 +250,14 @@ class Generator(nn.Module):
 
     def lora(self, S: dict[str, Tensor], n: Tensor) -> dict[str, LoRA]:
         """The exact LoRA each target gets from a state: dW = (alpha/r) B N(M)^T A, per row."""
-        N = self.normalized(S, n)
-        scaling = self.config.scaling
+        return self.lora_of(self.normalized(S, n))
+
+    def lora_of(self, N: dict[str, Tensor], A: dict[str, Tensor] | None = None) -> dict[str, LoRA]:
+        """The LoRAs of read-outs N(M) already made (`normalized`); `A` replaces the query maps
+        of the targets it names (a map being tuned against fixed states)."""
+        A, scaling = A or {}, self.config.scaling
         return {
-            name: LoRA(N[name].transpose(1, 2) @ self[name].A, self[name].B, scaling)
+            name: LoRA(N[name].transpose(1, 2) @ A.get(name, self[name].A), self[name].B, scaling)
             for name in self.names
         }
 

@@ -145,7 +145,8 @@ def test_tune_slot_loss_is_the_adapted_models_answer_nll(tiny_dir):
         [QA("What does Ada play?", ["cello"]), QA("Where does Bram Stoker live?", ["Oslo"])],
     )
     eos = ga.tokenizer.eos_token_id
-    got = tune.answer_loss(ga, {}, tune.Episode(ga, episode, eos))
+    tuning = tune.Episode(ga, episode, eos)
+    got = tune.answer_loss(ga, {}, tuning)
     # the reference: the generator's own adapted model, one question at a time, unpadded
     fmt, state = PromptFormat(ga.tokenizer), ga.read(episode.context).sum()
     nll, count = 0.0, 0
@@ -160,5 +161,5 @@ def test_tune_slot_loss_is_the_adapted_models_answer_nll(tiny_dir):
     # a query map in `A` replaces the generator's, and the loss reaches it
     name = ga.generator.names[0]
     A = {name: ga.generator[name].A.detach().clone().requires_grad_(True)}
-    tune.answer_loss(ga, A, tune.Episode(ga, episode, eos)).backward()
+    tune.answer_loss(ga, A, tuning).backward()
     assert A[name].grad is not None and A[name].grad.abs().sum() > 0

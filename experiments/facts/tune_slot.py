@@ -45,7 +45,6 @@ from genadapter.chunking import pad  # noqa: E402
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.methods import make_method  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
-from genadapter.generator import LoRA  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
 
 DATA = ROOT / "data" / "benchmarks" / "facts"
@@ -84,14 +83,7 @@ class Episode:
 
 def answer_loss(ga: GenerativeAdapter, A: dict[str, Tensor], ep: Episode) -> Tensor:
     """Mean NLL of the episode's answer tokens with every target's query map from `A`."""
-    gen = ga.generator
-    lora = {
-        name: LoRA(
-            ep.N[name].transpose(1, 2) @ A.get(name, gen[name].A), gen[name].B, gen.config.scaling
-        )
-        for name in gen.names
-    }
-    with ga.side_paths(lora):
+    with ga.side_paths(ga.generator.lora_of(ep.N, A)):
         logits = ga.base_model(input_ids=ep.ids, attention_mask=ep.mask).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ep.labels[:, 1:].flatten())
 
