@@ -5,7 +5,6 @@ about them, base / prompt / genadapter side by side with timings and memory."""
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 
@@ -40,19 +39,6 @@ def load_adapter(generator: Path):
     config = GeneratorConfig(r=32, r_in=32, layers="-10:", chunk_len=32)
     what = "a FRESH generator (no trained one found): B = 0, so genadapter answers = base answers"
     return GenerativeAdapter.from_base(DEFAULT_MODEL, config), what
-
-
-def fact_stream(episode, n_wiki: int, seed: int) -> list[str]:
-    """Wikipedia summaries with the episode's fact documents spread evenly among them."""
-    from genadapter.assets import load_wiki_summaries
-
-    wiki = random.Random(seed).sample(load_wiki_summaries(), n_wiki)
-    stream = [f"{w['title']}: {w['extract']}" for w in wiki]
-    for i, doc in enumerate(episode.context):
-        stream.insert(
-            min(len(stream), (i + 1) * len(stream) // (len(episode.context) + 1) + i), doc
-        )
-    return stream
 
 
 def answer_table(handles: dict, qas: list) -> tuple[Table, dict[str, list[float]]]:
@@ -113,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from genadapter.assets import DEFAULT_MODEL
     from genadapter.data.benchmarks import make_facts
+    from genadapter.data.corpus import among_wikipedia
     from genadapter.eval.methods import make_method
 
     console = Console()
@@ -124,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     episode = make_facts(
         "test", 1, docs_per_episode=args.fact_docs, seed=args.seed, n_questions=args.questions
     )[0]
-    stream = fact_stream(episode, args.wiki_docs, args.seed)
+    stream = among_wikipedia(episode.context, args.wiki_docs, args.seed)
     handles = {}
     with torch.no_grad():
         for name in ("base", "prompt", "genadapter"):

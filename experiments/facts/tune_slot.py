@@ -17,6 +17,7 @@ kept; choice, answer NLL and F1 are then scored through the harness on the usual
         --answer-episodes 96 --episodes 0 --save runs/answer-slot
     python experiments/facts/tune_slot.py --generator runs/answer-slot [--layers 28 29]
         [--fit-episodes 400] [--epochs 3] [--lr 0.01] [--anchor 0.1] [--episodes 16] [--save DIR]
+        [--wiki-docs N]  # each episode read among 0..N Wikipedia summaries, as `make demo` reads
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import sys
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +44,7 @@ from analytic_copy import harness_scores  # noqa: E402
 from copy_gate import add_scoring_arguments  # noqa: E402
 
 from genadapter.chunking import pad  # noqa: E402
+from genadapter.data.corpus import among_wikipedia  # noqa: E402
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.methods import make_method  # noqa: E402
 from genadapter.eval.prompts import PromptFormat  # noqa: E402
@@ -66,10 +69,14 @@ class Episode:
     """What a step needs of one episode: each target's read-out N(S*) (1, r_in, r) and its
     questions as prompt + gold answer + end of turn, right-padded, with the answer's labels."""
 
-    def __init__(self, ga: GenerativeAdapter, episode, eos: int) -> None:
+    def __init__(self, ga: GenerativeAdapter, episode, eos: int, wiki_docs: int = 0) -> None:
         fmt = PromptFormat(ga.tokenizer)
+        stream = episode.context_texts()
+        if wiki_docs:  # among 0..wiki_docs Wikipedia summaries, drawn per episode
+            seed = zlib.crc32(episode.id.encode())
+            stream = among_wikipedia(stream, random.Random(seed).randint(0, wiki_docs), seed)
         with torch.no_grad():
-            state = ga.read(episode.context_texts()).sum()
+            state = ga.read(stream).sum()
             self.N = {k: v.detach() for k, v in ga.generator.normalized(state.S, state.n).items()}
         rows, labels = [], []
         for question, gold in questions(episode):
@@ -105,6 +112,12 @@ def main() -> int:
         "--dev", type=Path, nargs="+", default=[DATA / "validation.jsonl"], help="episode files"
     )
     p.add_argument("--dev-episodes", type=int, default=32, help="of each --dev, after the scored")
+    p.add_argument(
+        "--wiki-docs",
+        type=int,
+        default=0,
+        help="read each episode among up to N Wikipedia summaries",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="Adam's step, relative to rms(A_0)")
     p.add_argument("--anchor", type=float, default=0.1, help="weight of ||A - A_0||^2/||A_0||^2")
@@ -130,8 +143,8 @@ def main() -> int:
     counts = args.fit_episodes * (len(args.train) // len(args.fit_episodes))
     train = [e for f, n in zip(args.train, counts, strict=True) for e in read_episodes(f)[0][:n]]
     dev = [e for f in args.dev for e in read_episodes(f)[0][args.episodes :][: args.dev_episodes]]
-    fit = [Episode(ga, e, eos) for e in tqdm(train, desc="states (train)")]
-    held = [Episode(ga, e, eos) for e in tqdm(dev, desc="states (dev)")]
+    fit = [Episode(ga, e, eos, args.wiki_docs) for e in tqdm(train, desc="states (train)")]
+    held = [Episode(ga, e, eos, args.wiki_docs) for e in tqdm(dev, desc="states (dev)")]
     log = [{"epoch": 0, "dev_loss": mean_loss(ga, A, held)}]
     best = (log[0]["dev_loss"], {k: a.detach().clone() for k, a in A.items()})
     tqdm.write(f"epoch 0: dev answer loss {log[0]['dev_loss']:.3f}")

@@ -47,6 +47,18 @@ def wiki_documents(
     return docs
 
 
+def among_wikipedia(docs: list[str], n_wiki: int, seed: int) -> list[str]:
+    """`docs` spread evenly, in order, among `n_wiki` Wikipedia summaries drawn with `seed`: a
+    stream where what is asked about is a small part of what was read."""
+    from genadapter.assets import load_wiki_summaries
+
+    wiki = random.Random(seed).sample(load_wiki_summaries(), n_wiki)
+    stream = [f"{w['title']}: {w['extract']}" for w in wiki]
+    for i, doc in enumerate(docs):
+        stream.insert(min(len(stream), (i + 1) * len(stream) // (len(docs) + 1) + i), doc)
+    return stream
+
+
 def file_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     """Documents of a local file: JSONL (`field` of each object) or text (blank-line separated)."""
     path = Path(path)
