@@ -11,7 +11,7 @@ from test_eval_methods import tiny_llama as methods_tiny_llama
 from transformers import LlamaForCausalLM
 
 from genadapter.cli import main as genadapter_main
-from genadapter.eval.harness import ALL_METHODS, EvalConfig, run_eval
+from genadapter.eval.harness import ALL_METHODS, EvalConfig, load_episodes, run_eval
 from genadapter.eval.report import assign_groups, summarize, write_report
 
 GOOD = [
@@ -140,6 +140,22 @@ def test_config_rejects_unknown_methods_and_keys():
         EvalConfig(data=["x"], methods="base,magic")
     with pytest.raises(ValueError, match="unknown eval config keys"):
         EvalConfig.from_dict({"data": ["x"], "stepz": 3})
+
+
+def test_wiki_docs_spread_each_episode_among_wikipedia_summaries(qa_file):
+    from genadapter.assets import load_wiki_summaries
+
+    plain, _ = load_episodes(EvalConfig(task="qa", data=[qa_file]))
+    mixed, _ = load_episodes(EvalConfig(task="qa", data=[qa_file], wiki_docs=3))
+    again, _ = load_episodes(EvalConfig(task="qa", data=[qa_file], wiki_docs=3))
+    wiki = {f"{r['title']}: {r['extract']}" for r in load_wiki_summaries()}
+    for (_, ep), (_, mix), (_, mix2) in zip(plain, mixed, again, strict=True):
+        assert mix.context == mix2.context and mix.qas == ep.qas
+        assert [d for d in mix.context if d in ep.context] == ep.context  # all kept, in order
+        assert len(mix.context) == len(ep.context) + 3
+        assert all(d in wiki for d in mix.context if d not in ep.context)
+    with pytest.raises(ValueError, match="wiki_docs"):
+        EvalConfig(task="demo", data=["x"], wiki_docs=2)
 
 
 def test_cli_with_yaml_config(qa_file, tmp_path, smollm2_tokenizer, capsys):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from genadapter.assets import DEFAULT_MODEL
 from genadapter.config import strict_from_dict
+from genadapter.data.corpus import among_wikipedia
 from genadapter.data.episodes import read_episodes
 from genadapter.eval.methods import BaseModelChanged, DoesNotFit, Method, OverBudget, make_method
 from genadapter.eval.metrics import option_accuracy, peak_rss_bytes, reset_peak_rss, squad_scores
@@ -63,6 +65,8 @@ class EvalConfig:
     reuse: list[str] = field(default_factory=list)
     # an episode's questions answered and scored as one batch (same results, several times faster)
     batch_questions: bool = True
+    # qa: each episode's documents spread among this many Wikipedia summaries (as `make demo`)
+    wiki_docs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -82,6 +86,8 @@ class EvalConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
         if not self.methods:
             raise ValueError("no methods to evaluate")
+        if self.wiki_docs < 0 or (self.wiki_docs and self.task != "qa"):
+            raise ValueError(f"wiki_docs {self.wiki_docs}: a count >= 0, and only for task qa")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
@@ -109,6 +115,11 @@ def load_episodes(config: EvalConfig) -> tuple[list[tuple[str, Any]], list[str]]
         if isinstance(limit, dict):
             limit = limit.get(str(path))
         for ep in episodes[:limit]:
+            if config.wiki_docs:
+                seed = zlib.crc32(f"{config.seed}:{ep.id}".encode())
+                ep = dataclasses.replace(
+                    ep, context=among_wikipedia(ep.context, config.wiki_docs, seed)
+                )
             pairs.append((str(path), ep))
     return pairs, problems
 
@@ -206,7 +217,7 @@ def qa_items(adapted, episode, max_questions, batched: bool) -> tuple[list[dict]
 
 
 # settings that change a method's record beyond its own kwargs
-RECORD_SETTINGS = ("task", "model", "max_questions", "max_new_tokens", "seed")
+RECORD_SETTINGS = ("task", "model", "max_questions", "max_new_tokens", "seed", "wiki_docs")
 REUSABLE_STATUS = ("ok", "does not fit", "over budget")  # errors are always retried
 
 
