@@ -59,13 +59,14 @@ NOTES = (
 )
 
 
-def value_tokens(ids: list[int], values: list[list[int]]) -> Tensor:
-    """1 at every position of `ids` inside an occurrence of one of `values` (token ids), else 0."""
+def value_tokens(ids: list[int], values: list[list[int]], after: int = 0) -> Tensor:
+    """1 at every position of `ids` inside an occurrence of one of `values` (token ids), and at
+    the `after` positions that follow it, else 0."""
     label = torch.zeros(len(ids))
     for v in values:
         for i in range(len(ids) - len(v) + 1):
             if ids[i : i + len(v)] == v:
-                label[i : i + len(v)] = 1
+                label[i : i + len(v) + after] = 1
     return label
 
 
@@ -81,11 +82,11 @@ def context_chunks(tok, texts: list[str], chunk_len: int) -> tuple[list[int], Te
 
 @torch.no_grad()
 def gate_examples(
-    ga: GenerativeAdapter, episodes: list, layer: int | None = None
+    ga: GenerativeAdapter, episodes: list, layer: int | None = None, after: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Each context token's gate features h_t (those of the target at `layer`, default the
     first, as `Generator.write` reads them, documents cut into chunks as `read` cuts them) and
-    whether it spells a value."""
+    whether it spells a value (or is one of the `after` tokens that follow one)."""
     gen, tok = ga.generator, ga.tokenizer
     layer = gen.layers[0] if layer is None else layer
     hs, labels = [], []
@@ -95,7 +96,7 @@ def gate_examples(
         flat, ids, mask = context_chunks(tok, episode.context, gen.config.chunk_len)
         h = gen.features(ga.context_features(ids, mask)[layer], mask)[0]
         hs.append(h[mask.bool()])
-        labels.append(value_tokens(flat, spelled))
+        labels.append(value_tokens(flat, spelled, after))
     return torch.cat(hs).float(), torch.cat(labels)
 
 

@@ -3,11 +3,13 @@
 The ridge memory reads a query q as G^T (H + lam_bar I)^-1 q: directions the context's keys
 barely span are amplified up to 1 / lam_bar, and the states of a free answer drift into them
 (digit strings, loops). This scores the generator with every combination of `--lam` (all
-targets), `--copy-scale` (the next-token copy's B, times) and `--slot-scale` (the answer slot's
-B, times) on the chosen split through the real harness, and prints one answer per setting.
+targets), `--copy-lam` (the next-token copy's alone, overriding `--lam`), `--copy-scale` (the
+next-token copy's B, times) and `--slot-scale` (the answer slot's B, times) on the chosen split
+through the real harness, and prints one answer per setting.
 
     python experiments/facts/readout_sweep.py [--generator experiments/generators/headline]
-        [--lam 0.03 0.1] [--copy-scale 1 0.5] [--slot-scale 1] [--episodes 16] [--out F]
+        [--lam 0.03 0.1] [--copy-lam 0.003] [--copy-scale 1 0.5] [--slot-scale 1]
+        [--episodes 16] [--out F]
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from genadapter.model import GenerativeAdapter  # noqa: E402
 OUT = Path(__file__).parent / "results" / "readout_sweep.json"
 
 
-def set_readout(ga: GenerativeAdapter, B0: dict, lam: float, scales: dict[int, float]) -> None:
-    """Every target's ridge lambda to `lam`, and target at layer l's B to scales[l] B0."""
+def set_readout(
+    ga: GenerativeAdapter, B0: dict, lams: dict[int, float], scales: dict[int, float]
+) -> None:
+    """Target at layer l's ridge lambda to lams[l] and its B to scales[l] B0."""
     with torch.no_grad():
         for target in ga.generator.targets:
             block = ga.generator[target.name]
-            block.log_lambda.fill_(math.log(lam))
+            block.log_lambda.fill_(math.log(lams[target.layer]))
             block.B.copy_(scales[target.layer] * B0[target.name])
 
 
@@ -44,6 +48,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--generator", type=Path, default=ROOT / "experiments/generators/headline")
     p.add_argument("--lam", type=float, nargs="+", default=[0.03, 0.1])
+    p.add_argument("--copy-lam", type=float, nargs="+", default=[None], help="default: --lam")
     p.add_argument("--copy-scale", type=float, nargs="+", default=[1.0])
     p.add_argument("--slot-scale", type=float, nargs="+", default=[1.0])
     add_scoring_arguments(p, OUT)
@@ -54,10 +59,12 @@ def main() -> int:
     episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
     method = make_method("genadapter", ga.base_model, ga.tokenizer, ga=ga)
     results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "scores": {}}
-    grid = list(itertools.product(args.lam, args.copy_scale, args.slot_scale))
-    for lam, copy_scale, slot_scale in tqdm(grid, desc="settings"):
-        set_readout(ga, B0, lam, {copy_layer: copy_scale, slot_layer: slot_scale})
+    grid = list(itertools.product(args.lam, args.copy_lam, args.copy_scale, args.slot_scale))
+    for lam, copy_lam, copy_scale, slot_scale in tqdm(grid, desc="settings"):
+        lams = {slot_layer: lam, copy_layer: lam if copy_lam is None else copy_lam}
+        set_readout(ga, B0, lams, {copy_layer: copy_scale, slot_layer: slot_scale})
         name = f"lam {lam} copy x{copy_scale} slot x{slot_scale}"
+        name += "" if copy_lam is None else f" copy lam {copy_lam}"
         results["scores"][name] = harness_scores(method, episodes, args.questions)
         with method.adapt(episodes[0].context) as handle:
             answer = handle.answers([episodes[0].qas[0].question])[0]
