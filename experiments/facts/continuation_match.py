@@ -73,7 +73,8 @@ def main() -> int:
     args = p.parse_args()
     ga = GenerativeAdapter.from_pretrained(args.generator).eval()
     gen, eos, chunk_len = ga.generator, ga.tokenizer.eos_token_id, ga.config.chunk_len
-    copy = gen[next(t.name for t in gen.targets if t.layer == args.copy_layer)]
+    copy_name = next(t.name for t in gen.targets if t.layer == args.copy_layer)
+    copy = gen[copy_name]
     hits: dict[str, list[bool]] = {}
     absent = total = 0
     for e in tqdm(read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]):
@@ -89,7 +90,7 @@ def main() -> int:
             hq = ga.base_model(input_ids=ep.ids, attention_mask=ep.mask, output_hidden_states=True)
             hc, hq = hc.hidden_states, hq.hidden_states
             gate = 2 * torch.sigmoid(rms_normalize(hc[args.copy_layer].float()) @ copy.G.float())
-            writes = ga.read_chunks(ids, mask).keys[copy.name]
+            writes = ga.read_chunks(ids, mask).keys[copy_name]
         for L in args.layers:
             f = rms_normalize(hc[L].double())
             k = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], 1)  # the token before, in chunk
