@@ -1,7 +1,8 @@
 """Why greedy answers miss what teacher forcing scores well: for each question, with the gold
 answer teacher-forced after it, the rank of the gold token among the adapted model's next-token
-predictions, at the answer's first token (which decides where a greedy answer goes) and at the
-tokens after it (the continuation, end of turn included).
+predictions, at the answer's first token (which decides where a greedy answer goes), at the
+value tokens after it (the continuation) and at the end of turn after the whole answer; and how
+often the gold token is the top one of the generator's push alone (adapted minus base logits).
 
     python experiments/facts/answer_tokens.py [--generator experiments/generators/headline]
         [--split test-500] [--episodes 16] [--wiki-docs 0]
@@ -23,18 +24,24 @@ from tune_slot import DATA, Episode  # noqa: E402
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.model import GenerativeAdapter  # noqa: E402
 
+KINDS = ("first", "later", "end of turn")
 
-def gold_ranks(ga: GenerativeAdapter, ep: Episode) -> tuple[list[int], list[int]]:
-    """Ranks (0 = top-1) of each question's first gold answer token, and of the tokens after it."""
-    with torch.no_grad(), ga.side_paths(ga.generator.lora_of(ep.N)):
-        logits = ga.base_model(input_ids=ep.ids, attention_mask=ep.mask).logits
-    first, rest = [], []
-    for row, labels in zip(logits, ep.labels, strict=True):
+
+def gold_ranks(ga: GenerativeAdapter, ep: Episode) -> dict[str, list[tuple[int, bool]]]:
+    """Per kind of answer token: (rank of the gold token (0 = top-1), whether it tops the push)."""
+    with torch.no_grad():
+        base = ga.base_model(input_ids=ep.ids, attention_mask=ep.mask).logits
+        with ga.side_paths(ga.generator.lora_of(ep.N)):
+            adapted = ga.base_model(input_ids=ep.ids, attention_mask=ep.mask).logits
+    out: dict[str, list[tuple[int, bool]]] = {kind: [] for kind in KINDS}
+    eos = ga.tokenizer.eos_token_id
+    for row, push_row, labels in zip(adapted, adapted - base, ep.labels, strict=True):
         for i, pos in enumerate((labels != -100).nonzero().flatten().tolist()):
-            scores = row[pos - 1]
-            rank = int((scores > scores[labels[pos]]).sum())
-            (rest if i else first).append(rank)
-    return first, rest
+            gold, scores = int(labels[pos]), row[pos - 1]
+            kind = KINDS[0] if i == 0 else KINDS[2] if gold == eos else KINDS[1]
+            rank = int((scores > scores[gold]).sum())
+            out[kind].append((rank, bool(push_row[pos - 1].argmax() == gold)))
+    return out
 
 
 def main() -> int:
@@ -46,17 +53,19 @@ def main() -> int:
     args = p.parse_args()
     ga = GenerativeAdapter.from_pretrained(args.generator)
     eos = ga.tokenizer.eos_token_id
-    first, rest = [], []
+    ranks: dict[str, list[tuple[int, bool]]] = {kind: [] for kind in KINDS}
     for e in tqdm(read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]):
-        f, r = gold_ranks(ga, Episode(ga, e, eos, args.wiki_docs))
-        first += f
-        rest += r
-    print(
-        f"{args.generator} on {args.split} ({len(first)} questions): first answer token top-1 "
-        f"{100 * sum(r == 0 for r in first) / len(first):.1f} %, median rank "
-        f"{statistics.median(first):.0f}; later tokens top-1 "
-        f"{100 * sum(r == 0 for r in rest) / len(rest):.1f} % of {len(rest)}"
-    )
+        for kind, found in gold_ranks(ga, Episode(ga, e, eos, args.wiki_docs)).items():
+            ranks[kind] += found
+    print(f"{args.generator} on {args.split}:")
+    for kind, found in ranks.items():
+        top = 100 * sum(r == 0 for r, _ in found) / len(found)
+        push = 100 * sum(p for _, p in found) / len(found)
+        median = statistics.median(r for r, _ in found)
+        print(
+            f"  {kind} ({len(found)} tokens): gold top-1 {top:.1f} %, median rank {median:.0f}; "
+            f"top of the push alone {push:.1f} %"
+        )
     return 0
 
 
