@@ -18,6 +18,8 @@ kept; choice, answer NLL and F1 are then scored through the harness on the usual
     python experiments/facts/tune_slot.py --generator runs/answer-slot [--layers 28 29]
         [--fit-episodes 400] [--epochs 3] [--lr 0.01] [--anchor 0.1] [--episodes 16] [--save DIR]
         [--wiki-docs N]  # each episode read among 0..N Wikipedia summaries, as `make demo` reads
+        [--tune-b]       # each tuned target's B learns too (anchored alike): what a read-out
+                         # value raises, e.g. the end of turn where a value's end is read
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01, help="Adam's step, relative to rms(A_0)")
     p.add_argument("--anchor", type=float, default=0.1, help="weight of ||A - A_0||^2/||A_0||^2")
+    p.add_argument("--tune-b", action="store_true", help="each tuned target's B learns too")
     add_scoring_arguments(p, OUT)
     p.add_argument("--save", help="save the tuned generator here")
     args = p.parse_args()
@@ -134,9 +137,13 @@ def main() -> int:
         p.error(f"--layers {args.layers}: the generator targets {[t.layer for t in gen.targets]}")
     A0 = {k: gen[k].A.detach().clone() for k in names}
     A = {k: a.clone().requires_grad_(True) for k, a in A0.items()}
-    scale = {k: a.pow(2).sum() for k, a in A0.items()}
+    # every learning matrix with its built value: the maps A, and with --tune-b the Bs in place
+    learning = [(A[k], A0[k]) for k in names]
+    if args.tune_b:
+        learning += [(gen[k].B.requires_grad_(True), gen[k].B.detach().clone()) for k in names]
+    scale = [m0.pow(2).sum() for _, m0 in learning]
     opt = torch.optim.Adam(
-        [{"params": [A[k]], "lr": args.lr * A0[k].pow(2).mean().sqrt().item()} for k in names]
+        [{"params": [m], "lr": args.lr * m0.pow(2).mean().sqrt().item()} for m, m0 in learning]
     )
     if len(args.fit_episodes) not in (1, len(args.train)):
         p.error("--fit-episodes takes one count, or one per --train file")
@@ -146,7 +153,7 @@ def main() -> int:
     fit = [Episode(ga, e, eos, args.wiki_docs) for e in tqdm(train, desc="states (train)")]
     held = [Episode(ga, e, eos, args.wiki_docs) for e in tqdm(dev, desc="states (dev)")]
     log = [{"epoch": 0, "dev_loss": mean_loss(ga, A, held)}]
-    best = (log[0]["dev_loss"], {k: a.detach().clone() for k, a in A.items()})
+    best = (log[0]["dev_loss"], [m.detach().clone() for m, _ in learning])
     tqdm.write(f"epoch 0: dev answer loss {log[0]['dev_loss']:.3f}")
     for epoch in range(1, args.epochs + 1):
         random.Random(epoch).shuffle(fit)
@@ -154,7 +161,9 @@ def main() -> int:
         for ep in tqdm(fit, desc=f"epoch {epoch}"):
             loss = answer_loss(ga, A, ep)
             total += loss.item()
-            anchor = sum((A[k] - A0[k]).pow(2).sum() / scale[k] for k in names)
+            anchor = sum(
+                (m - m0).pow(2).sum() / c for (m, m0), c in zip(learning, scale, strict=True)
+            )
             opt.zero_grad()
             (loss + args.anchor * anchor).backward()
             opt.step()
@@ -165,10 +174,12 @@ def main() -> int:
             f"epoch {epoch}: train {log[-1]['train_loss']:.3f}, dev {log[-1]['dev_loss']:.3f}"
         )
         if log[-1]["dev_loss"] < best[0]:
-            best = (log[-1]["dev_loss"], {k: a.detach().clone() for k, a in A.items()})
+            best = (log[-1]["dev_loss"], [m.detach().clone() for m, _ in learning])
     with torch.no_grad():
-        for k in names:
-            gen[k].A.copy_(best[1][k])
+        for k, a in zip(names, best[1], strict=False):
+            gen[k].A.copy_(a)
+        for (m, _), kept in zip(learning[len(names) :], best[1][len(names) :], strict=True):
+            m.copy_(kept)
     results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "log": log, "scores": {}}
     if args.episodes:
         episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
