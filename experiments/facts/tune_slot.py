@@ -137,13 +137,15 @@ def main() -> int:
         p.error(f"--layers {args.layers}: the generator targets {[t.layer for t in gen.targets]}")
     A0 = {k: gen[k].A.detach().clone() for k in names}
     A = {k: a.clone().requires_grad_(True) for k, a in A0.items()}
-    # every learning matrix with its built value: the maps A, and with --tune-b the Bs in place
-    learning = [(A[k], A0[k]) for k in names]
+    # (learning matrix, its built value, the generator's own): the maps A, with --tune-b the Bs
+    learning = [(A[k], A0[k], gen[k].A) for k in names]
     if args.tune_b:
-        learning += [(gen[k].B.requires_grad_(True), gen[k].B.detach().clone()) for k in names]
-    scale = [m0.pow(2).sum() for _, m0 in learning]
+        learning += [
+            (gen[k].B.requires_grad_(True), gen[k].B.detach().clone(), gen[k].B) for k in names
+        ]
+    scale = [m0.pow(2).sum() for _, m0, _ in learning]
     opt = torch.optim.Adam(
-        [{"params": [m], "lr": args.lr * m0.pow(2).mean().sqrt().item()} for m, m0 in learning]
+        [{"params": [m], "lr": args.lr * m0.pow(2).mean().sqrt().item()} for m, m0, _ in learning]
     )
     if len(args.fit_episodes) not in (1, len(args.train)):
         p.error("--fit-episodes takes one count, or one per --train file")
@@ -153,7 +155,7 @@ def main() -> int:
     fit = [Episode(ga, e, eos, args.wiki_docs) for e in tqdm(train, desc="states (train)")]
     held = [Episode(ga, e, eos, args.wiki_docs) for e in tqdm(dev, desc="states (dev)")]
     log = [{"epoch": 0, "dev_loss": mean_loss(ga, A, held)}]
-    best = (log[0]["dev_loss"], [m.detach().clone() for m, _ in learning])
+    best = (log[0]["dev_loss"], [m.detach().clone() for m, _, _ in learning])
     tqdm.write(f"epoch 0: dev answer loss {log[0]['dev_loss']:.3f}")
     for epoch in range(1, args.epochs + 1):
         random.Random(epoch).shuffle(fit)
@@ -162,7 +164,7 @@ def main() -> int:
             loss = answer_loss(ga, A, ep)
             total += loss.item()
             anchor = sum(
-                (m - m0).pow(2).sum() / c for (m, m0), c in zip(learning, scale, strict=True)
+                (m - m0).pow(2).sum() / c for (m, m0, _), c in zip(learning, scale, strict=True)
             )
             opt.zero_grad()
             (loss + args.anchor * anchor).backward()
@@ -174,12 +176,10 @@ def main() -> int:
             f"epoch {epoch}: train {log[-1]['train_loss']:.3f}, dev {log[-1]['dev_loss']:.3f}"
         )
         if log[-1]["dev_loss"] < best[0]:
-            best = (log[-1]["dev_loss"], [m.detach().clone() for m, _ in learning])
+            best = (log[-1]["dev_loss"], [m.detach().clone() for m, _, _ in learning])
     with torch.no_grad():
-        for k, a in zip(names, best[1], strict=False):
-            gen[k].A.copy_(a)
-        for (m, _), kept in zip(learning[len(names) :], best[1][len(names) :], strict=True):
-            m.copy_(kept)
+        for (_, _, own), kept in zip(learning, best[1], strict=True):
+            own.copy_(kept)
     results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "log": log, "scores": {}}
     if args.episodes:
         episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
