@@ -47,6 +47,10 @@ def test_value_tokens_marks_every_occurrence():
     gate = load("copy_gate")
     label = gate.value_tokens([5, 1, 2, 7, 1, 2, 2, 9], [[1, 2], [9]])
     assert label.tolist() == [0, 1, 1, 0, 1, 1, 0, 1]
+    # `after`: the tokens that end each value open too, never past the text's end
+    label = gate.value_tokens([5, 1, 2, 7, 1, 2, 2, 9], [[1, 2], [9]], after=1)
+    assert label.tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert gate.value_tokens([1, 2, 3, 4], [[2]], after=2).tolist() == [0, 1, 1, 1]
 
 
 def test_gate_fit_separates_values():
