@@ -89,7 +89,7 @@ def main() -> int:
             hc = ga.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             hq = ga.base_model(input_ids=ep.ids, attention_mask=ep.mask, output_hidden_states=True)
             hc, hq = hc.hidden_states, hq.hidden_states
-            gate = 2 * torch.sigmoid(rms_normalize(hc[args.copy_layer].float()) @ copy.G.float())
+            gate = 2 * torch.sigmoid(copy.gate_logits(rms_normalize(hc[args.copy_layer])))
             writes = ga.read_chunks(ids, mask).keys[copy_name]
         for L in args.layers:
             f = rms_normalize(hc[L].double())
@@ -105,14 +105,9 @@ def main() -> int:
                         top1(k, w, H, lam, q, tokens, later, ga.vocab_size)
                     )
         # the copy target itself: k_t = g_t K h̄_t written, H from the raw keys, q = A x̃
-        raw = (
-            copy.unit_keys(
-                gen.features(ga.context_features(ids, mask)[ga.config.key_layer], mask)[1]
-            )
-            .detach()
-            .double()
-            .flatten(0, 1)
-        )
+        # (hidden_states[l] is what `context_features` captures: the input of layer l)
+        raw = copy.unit_keys(gen.features(hc[ga.config.key_layer], mask)[1]).detach()
+        raw = raw.double().flatten(0, 1)
         w = writes.detach().double().flatten(0, 1)
         q = (rms_normalize(hq[ga.config.queries.layer].float()) @ copy.A.T).detach().double()
         lam = copy.log_lambda.exp().item()
