@@ -6,7 +6,7 @@ run on ("dessertdessertdessert…"). With `--after 1` the gate also opens on the
 each value in the context (the "." or "," that ends it), so the copy reads on to where the value
 stops. Scores the refitted generator (and the one given) on the chosen split through the harness.
 
-    python experiments/facts/refit_gate.py [--generator experiments/generators/headline]
+    python experiments/facts/refit_gate.py --generator runs/tune/slot-28-29
         [--layer 29] [--after 1] [--gate-scale 3] [--gate-episodes 96] [--episodes 16] [--save DIR]
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from answer_slot import DATA, ROOT, add_scoring_arguments, harness_scores  # noqa: E402
+from answer_slot import DATA, add_scoring_arguments, harness_scores  # noqa: E402
 from copy_gate import fit_gate, gate_examples  # noqa: E402
 
 from genadapter.data.episodes import read_episodes  # noqa: E402
@@ -31,7 +31,8 @@ OUT = Path(__file__).parent / "results" / "refit_gate.json"
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--generator", type=Path, default=ROOT / "experiments/generators/headline")
+    # no default: the headline's gate is already refitted (its built_by names the generator before)
+    p.add_argument("--generator", type=Path, required=True)
     p.add_argument("--layer", type=int, default=29, help="the target whose gate is fitted")
     p.add_argument("--after", type=int, default=1, help="tokens after each value that open too")
     p.add_argument("--gate-scale", type=float, default=3.0, help="G <- c G, as copy_gate.py")
