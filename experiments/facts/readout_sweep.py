@@ -9,7 +9,7 @@ through the real harness, and prints one answer per setting.
 
     python experiments/facts/readout_sweep.py [--generator experiments/generators/headline]
         [--lam 0.03 0.1] [--copy-lam 0.003] [--copy-scale 1 0.5] [--slot-scale 1]
-        [--episodes 16] [--out F]
+        [--episodes 16] [--out F] [--save DIR]  # --save: one setting only, saved as a generator
 """
 
 from __future__ import annotations
@@ -51,15 +51,18 @@ def main() -> int:
     p.add_argument("--copy-lam", type=float, nargs="+", default=[None], help="default: --lam")
     p.add_argument("--copy-scale", type=float, nargs="+", default=[1.0])
     p.add_argument("--slot-scale", type=float, nargs="+", default=[1.0])
+    p.add_argument("--save", type=Path, help="save the generator with the (one) setting here")
     add_scoring_arguments(p, OUT)
     args = p.parse_args()
+    grid = list(itertools.product(args.lam, args.copy_lam, args.copy_scale, args.slot_scale))
+    if args.save and len(grid) != 1:
+        p.error(f"--save takes one setting; the grid has {len(grid)}")
     ga = GenerativeAdapter.from_pretrained(args.generator).eval()
     copy_layer, slot_layer = max(ga.generator.layers), min(ga.generator.layers)
     B0 = {t.name: ga.generator[t.name].B.detach().clone() for t in ga.generator.targets}
     episodes = read_episodes(DATA / f"{args.split}.jsonl")[0][: args.episodes]
     method = make_method("genadapter", ga.base_model, ga.tokenizer, ga=ga)
     results: dict = {"args": {k: str(x) for k, x in vars(args).items()}, "scores": {}}
-    grid = list(itertools.product(args.lam, args.copy_lam, args.copy_scale, args.slot_scale))
     for lam, copy_lam, copy_scale, slot_scale in tqdm(grid, desc="settings"):
         lams = {slot_layer: lam, copy_layer: lam if copy_lam is None else copy_lam}
         set_readout(ga, B0, lams, {copy_layer: copy_scale, slot_layer: slot_scale})
@@ -71,6 +74,18 @@ def main() -> int:
         tqdm.write(f"{name}: {results['scores'][name]}  e.g. {answer!r}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
+    # The read-out does not change a state (K, V and the gates make it): the fingerprint holds.
+    if args.save:  # a lambda per target is stored as `ridge_learned`'s per-target parameter
+        for target in ga.generator.targets:
+            block = ga.generator[target.name]
+            log_lambda = block.log_lambda.detach().clone()
+            del block.log_lambda
+            block.log_lambda = torch.nn.Parameter(log_lambda, requires_grad=False)
+        ga.config.ridge_learned = True
+        built = ga.config.extra.get("built_by", f"(the generator at {args.generator})")
+        swept = " ".join(["python experiments/facts/readout_sweep.py", *sys.argv[1:]])
+        ga.config.extra = {**ga.config.extra, "built_by": f"{built} && {swept}"}
+        ga.save_pretrained(args.save)
     return 0
 
 
