@@ -118,6 +118,12 @@ def fit_gate(h: Tensor, label: Tensor, closed: float = 1.0, steps: int = 200) ->
     return G.detach()
 
 
+def chained_command(built_by: str, script: str) -> str:
+    """A saved generator's `built_by`: the commands that built its input, then this one."""
+    command = " ".join([f"python experiments/facts/{script}", *sys.argv[1:]])
+    return f"{built_by} && {command}" if built_by else command
+
+
 def add_scoring_arguments(p: argparse.ArgumentParser, out: Path) -> None:
     """--episodes, --questions, --split: what the harness scores; --out: where results go."""
     p.add_argument("--episodes", type=int, default=16, help="0: build only")

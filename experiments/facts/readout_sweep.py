@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from answer_slot import DATA, ROOT, add_scoring_arguments, harness_scores  # noqa: E402
+from copy_gate import chained_command  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from genadapter.data.episodes import read_episodes  # noqa: E402
@@ -83,8 +84,7 @@ def main() -> int:
             block.log_lambda = torch.nn.Parameter(log_lambda, requires_grad=False)
         ga.config.ridge_learned = True
         built = ga.config.extra.get("built_by", f"(the generator at {args.generator})")
-        swept = " ".join(["python experiments/facts/readout_sweep.py", *sys.argv[1:]])
-        ga.config.extra = {**ga.config.extra, "built_by": f"{built} && {swept}"}
+        ga.config.extra["built_by"] = chained_command(built, "readout_sweep.py")
         ga.save_pretrained(args.save)
     return 0
 

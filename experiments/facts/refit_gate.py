@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from answer_slot import DATA, add_scoring_arguments, harness_scores  # noqa: E402
-from copy_gate import fit_gate, gate_examples  # noqa: E402
+from copy_gate import chained_command, fit_gate, gate_examples  # noqa: E402
 
 from genadapter.data.episodes import read_episodes  # noqa: E402
 from genadapter.eval.methods import make_method  # noqa: E402
@@ -63,8 +63,7 @@ def main() -> int:
             args.out.write_text(json.dumps(results, indent=1) + "\n")
     if args.save:
         built_by = ga.config.extra.get("built_by", "")
-        command = " ".join(["python experiments/facts/refit_gate.py", *sys.argv[1:]])
-        ga.config.extra["built_by"] = f"{built_by} && {command}" if built_by else command
+        ga.config.extra["built_by"] = chained_command(built_by, "refit_gate.py")
         ga.save_pretrained(args.save)
     return 0
 

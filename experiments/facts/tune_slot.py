@@ -43,7 +43,7 @@ from tqdm.auto import tqdm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "experiments" / "recall"), str(ROOT / "experiments" / "facts")]
 from analytic_copy import harness_scores  # noqa: E402
-from copy_gate import add_scoring_arguments  # noqa: E402
+from copy_gate import add_scoring_arguments, chained_command  # noqa: E402
 
 from genadapter.chunking import pad  # noqa: E402
 from genadapter.data.corpus import among_wikipedia  # noqa: E402
@@ -190,8 +190,7 @@ def main() -> int:
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     if args.save:
         built = ga.config.extra.get("built_by", f"(the generator at {args.generator})")
-        tuned = " ".join(["python experiments/facts/tune_slot.py", *sys.argv[1:]])
-        ga.config.extra = {"built_by": f"{built} && {tuned}", "notes": NOTES}
+        ga.config.extra = {"built_by": chained_command(built, "tune_slot.py"), "notes": NOTES}
         ga.save_pretrained(args.save)
     return 0
 
